@@ -1,0 +1,349 @@
+//! Layered settings: `config/default.toml`, then `config/<stage>.toml` chosen by
+//! `ODOO_STAGE`, then environment variables (`OPSGATE__SECTION__KEY`, plus the
+//! conventional `DATABASE_URL` and `AMQP_URL`). Everything is validated once, at
+//! start, with errors that name the key and the bad value.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The deployment stage (platform constitution §3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Development,
+    Staging,
+    Production,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Development => "development",
+            Stage::Staging => "staging",
+            Stage::Production => "production",
+        }
+    }
+}
+
+impl FromStr for Stage {
+    type Err = ConfigError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "development" => Ok(Stage::Development),
+            "staging" => Ok(Stage::Staging),
+            "production" => Ok(Stage::Production),
+            other => Err(ConfigError::invalid(
+                "ODOO_STAGE",
+                other,
+                "expected development, staging or production",
+            )),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid setting {key} = {value:?}: {reason}")]
+    Invalid {
+        key: String,
+        value: String,
+        reason: String,
+    },
+    #[error("cannot read settings from {dir}: {source}")]
+    Load {
+        dir: PathBuf,
+        #[source]
+        source: config::ConfigError,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, value: &str, reason: &str) -> Self {
+        ConfigError::Invalid {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        }
+    }
+}
+
+/// A connection URL whose password never reaches a log line: `Debug` and
+/// `Display` show it redacted; `expose` gives the real one to the driver.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        SecretUrl(url.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its path (database or vhost) replaced, password kept.
+    pub fn with_path(&self, path: &str) -> SecretUrl {
+        match url::Url::parse(&self.0) {
+            Ok(mut parsed) => {
+                parsed.set_path(path);
+                SecretUrl(parsed.to_string())
+            }
+            Err(_) => self.clone(),
+        }
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", redact_url(&self.0))
+    }
+}
+
+/// The URL with any password replaced by `***`; unparsable input is hidden whole.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "<unparsable url>".to_owned(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    #[serde(skip, default = "default_stage")]
+    pub stage: Stage,
+    pub database: DatabaseSettings,
+    pub amqp: AmqpSettings,
+    pub log: LogSettings,
+}
+
+fn default_stage() -> Stage {
+    Stage::Development
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    pub url: SecretUrl,
+    pub max_connections: u32,
+    pub acquire_timeout_secs: u64,
+}
+
+impl DatabaseSettings {
+    pub fn acquire_timeout(&self) -> Duration {
+        Duration::from_secs(self.acquire_timeout_secs)
+    }
+
+    /// `host:port/database` for messages, without credentials.
+    pub fn address(&self) -> String {
+        match url::Url::parse(self.url.expose()) {
+            Ok(parsed) => format!(
+                "{}:{}{}",
+                parsed.host_str().unwrap_or("localhost"),
+                parsed.port().unwrap_or(5432),
+                parsed.path()
+            ),
+            Err(_) => self.url.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AmqpSettings {
+    pub url: SecretUrl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// Where the `config/` directory is: `OPSGATE_CONFIG_DIR`, else `./config`.
+pub fn default_config_dir(env: &HashMap<String, String>) -> PathBuf {
+    env.get("OPSGATE_CONFIG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("config"))
+}
+
+/// Loads settings from the process environment and `config_dir`.
+pub fn load(config_dir: &Path) -> Result<Settings, ConfigError> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    load_from(config_dir, &env)
+}
+
+/// Loads settings from `config_dir` with `env` standing for the environment,
+/// so tests can vary it without touching the process's own.
+pub fn load_from(
+    config_dir: &Path,
+    env: &HashMap<String, String>,
+) -> Result<Settings, ConfigError> {
+    let stage: Stage = env
+        .get("ODOO_STAGE")
+        .map(|value| value.parse())
+        .transpose()?
+        .unwrap_or(Stage::Development);
+
+    let load_error = |source| ConfigError::Load {
+        dir: config_dir.to_path_buf(),
+        source,
+    };
+
+    let opsgate_env: config::Map<String, String> = env
+        .iter()
+        .filter(|(key, _)| key.starts_with("OPSGATE__"))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+
+    let mut builder = config::Config::builder()
+        .add_source(config::File::from(config_dir.join("default.toml")).required(true))
+        .add_source(
+            config::File::from(config_dir.join(format!("{}.toml", stage.as_str()))).required(false),
+        )
+        .add_source(
+            config::Environment::with_prefix("OPSGATE")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(opsgate_env)),
+        );
+
+    // The conventional variables apply unless an OPSGATE__ variable says otherwise.
+    for (conventional, key, explicit) in [
+        ("DATABASE_URL", "database.url", "OPSGATE__DATABASE__URL"),
+        ("AMQP_URL", "amqp.url", "OPSGATE__AMQP__URL"),
+    ] {
+        if let Some(value) = env
+            .get(conventional)
+            .filter(|_| !env.contains_key(explicit))
+        {
+            builder = builder
+                .set_override(key, value.as_str())
+                .map_err(load_error)?;
+        }
+    }
+
+    let mut settings: Settings = builder
+        .build()
+        .and_then(|raw| raw.try_deserialize())
+        .map_err(|source| match source {
+            config::ConfigError::Type {
+                key: Some(key),
+                unexpected,
+                expected,
+                ..
+            } => ConfigError::Invalid {
+                key,
+                value: unexpected.to_string(),
+                reason: format!("expected {expected}"),
+            },
+            config::ConfigError::NotFound(key) => ConfigError::Invalid {
+                key,
+                value: String::new(),
+                reason: "missing".to_owned(),
+            },
+            other => load_error(other),
+        })?;
+    settings.stage = stage;
+    settings.validate()?;
+    Ok(settings)
+}
+
+impl Settings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_url(
+            "database.url",
+            &self.database.url,
+            &["postgres", "postgresql"],
+        )?;
+        check_url("amqp.url", &self.amqp.url, &["amqp", "amqps"])?;
+        positive(
+            "database.max_connections",
+            u64::from(self.database.max_connections),
+        )?;
+        positive(
+            "database.acquire_timeout_secs",
+            self.database.acquire_timeout_secs,
+        )?;
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::invalid(
+                "log.level",
+                &self.log.level,
+                "not a tracing filter such as \"info\" or \"info,sqlx=warn\"",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_url(key: &str, url: &SecretUrl, schemes: &[&str]) -> Result<(), ConfigError> {
+    let parsed = url::Url::parse(url.expose()).map_err(|error| {
+        ConfigError::invalid(key, &url.to_string(), &format!("not a URL: {error}"))
+    })?;
+    if !schemes.contains(&parsed.scheme()) {
+        return Err(ConfigError::invalid(
+            key,
+            &url.to_string(),
+            &format!("scheme must be one of {}", schemes.join(", ")),
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(ConfigError::invalid(key, &url.to_string(), "no host"));
+    }
+    Ok(())
+}
+
+fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::invalid(key, "0", "must be greater than 0"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_and_keeps_the_rest() {
+        assert_eq!(
+            redact_url("amqp://guest:s3cret@rabbit:5672/%2f"),
+            "amqp://guest:***@rabbit:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1:5432/opsgate"),
+            "postgres://postgres@127.0.0.1:5432/opsgate"
+        );
+        assert_eq!(redact_url("not a url"), "<unparsable url>");
+    }
+
+    #[test]
+    fn secret_url_debug_never_shows_the_password() {
+        let url = SecretUrl::new("postgres://app:hunter2@db/opsgate");
+        assert!(!format!("{url:?}").contains("hunter2"));
+        assert!(!format!("{url}").contains("hunter2"));
+        assert_eq!(url.expose(), "postgres://app:hunter2@db/opsgate");
+    }
+}

@@ -1,0 +1,9 @@
+//! opsgate: the release-governance control plane for an Odoo platform.
+//!
+//! PostgreSQL (`ops.*`) is the system of record; producers publish event
+//! envelopes to RabbitMQ and `opsgate worker` turns them into facts.
+
+pub mod cli;
+pub mod config;
+pub mod database;
+pub mod telemetry;

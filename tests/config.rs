@@ -1,0 +1,125 @@
+//! Layered settings: files, stage layer, environment overrides, validation.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use opsgate::config::{self, ConfigError, LogFormat, Stage};
+
+fn config_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config")
+}
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn defaults_load_for_development() {
+    let settings = config::load_from(&config_dir(), &env(&[])).expect("defaults are valid");
+    assert_eq!(settings.stage, Stage::Development);
+    assert_eq!(settings.log.format, LogFormat::Pretty);
+    assert_eq!(
+        settings.database.url.expose(),
+        "postgres://postgres@127.0.0.1:5432/opsgate"
+    );
+    assert_eq!(
+        settings.amqp.url.expose(),
+        "amqp://guest:guest@127.0.0.1:5672/%2f"
+    );
+}
+
+#[test]
+fn an_environment_variable_overrides_a_file_value() {
+    let settings = config::load_from(
+        &config_dir(),
+        &env(&[
+            ("OPSGATE__DATABASE__MAX_CONNECTIONS", "42"),
+            (
+                "OPSGATE__DATABASE__URL",
+                "postgres://app:pw@db.internal:6543/ops",
+            ),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(settings.database.max_connections, 42);
+    assert_eq!(
+        settings.database.url.expose(),
+        "postgres://app:pw@db.internal:6543/ops"
+    );
+}
+
+#[test]
+fn conventional_urls_are_honoured_below_opsgate_variables() {
+    let settings = config::load_from(
+        &config_dir(),
+        &env(&[
+            ("DATABASE_URL", "postgres://conventional@db:5432/ops"),
+            ("AMQP_URL", "amqp://u:p@mq:5672/%2f"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        settings.database.url.expose(),
+        "postgres://conventional@db:5432/ops"
+    );
+    assert_eq!(settings.amqp.url.expose(), "amqp://u:p@mq:5672/%2f");
+
+    let settings = config::load_from(
+        &config_dir(),
+        &env(&[
+            ("DATABASE_URL", "postgres://conventional@db:5432/ops"),
+            ("OPSGATE__DATABASE__URL", "postgres://explicit@db:5432/ops"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        settings.database.url.expose(),
+        "postgres://explicit@db:5432/ops"
+    );
+}
+
+#[test]
+fn odoo_stage_production_selects_the_production_layer() {
+    let settings = config::load_from(&config_dir(), &env(&[("ODOO_STAGE", "production")])).unwrap();
+    assert_eq!(settings.stage, Stage::Production);
+    assert_eq!(settings.log.format, LogFormat::Json);
+}
+
+#[test]
+fn a_bad_value_names_the_key() {
+    let error = config::load_from(
+        &config_dir(),
+        &env(&[("OPSGATE__DATABASE__MAX_CONNECTIONS", "many")]),
+    )
+    .unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("database.max_connections"), "{message}");
+    assert!(message.contains("many"), "{message}");
+
+    let error = config::load_from(
+        &config_dir(),
+        &env(&[("OPSGATE__DATABASE__MAX_CONNECTIONS", "0")]),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(error, ConfigError::Invalid { ref key, .. } if key == "database.max_connections")
+    );
+
+    let error = config::load_from(
+        &config_dir(),
+        &env(&[("OPSGATE__AMQP__URL", "http://u:secret@mq/")]),
+    )
+    .unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("amqp.url"), "{message}");
+    assert!(
+        !message.contains("secret"),
+        "the password leaked: {message}"
+    );
+
+    let error = config::load_from(&config_dir(), &env(&[("ODOO_STAGE", "prod")])).unwrap_err();
+    assert!(error.to_string().contains("ODOO_STAGE"), "{error}");
+}

@@ -1,0 +1,364 @@
+//! The integrity rules of the ops schema, enforced by the database itself.
+
+mod common;
+
+use common::seed;
+
+use common::*;
+use sqlx::Row;
+
+const TABLES: [&str; 12] = [
+    "approvals",
+    "builds",
+    "deployments",
+    "environment_events",
+    "event_ingest_log",
+    "evidence_artifacts",
+    "exceptions",
+    "gate_checks",
+    "incidents",
+    "recovery_drills",
+    "release_gates",
+    "releases",
+];
+
+#[tokio::test]
+async fn migrations_create_every_table_on_an_empty_database_and_rerun_as_a_no_op() {
+    let settings = fresh_database_settings();
+    let first = opsgate::database::migrate(&settings)
+        .await
+        .expect("first run");
+    assert!(first.created_database);
+    assert_eq!(
+        first.applied.len(),
+        opsgate::database::MIGRATOR.iter().count()
+    );
+
+    let second = opsgate::database::migrate(&settings)
+        .await
+        .expect("second run");
+    assert!(!second.created_database);
+    assert!(
+        second.applied.is_empty(),
+        "second run applied {:?}",
+        second.applied
+    );
+
+    let pool = opsgate::database::connect(&settings).await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables
+         WHERE table_schema = 'ops' AND table_type = 'BASE TABLE' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    for table in TABLES {
+        assert!(
+            tables.iter().any(|t| t == table),
+            "ops.{table} missing from {tables:?}"
+        );
+    }
+    pool.close().await;
+    drop_database(&database_name(&settings)).await;
+}
+
+#[tokio::test]
+async fn orphan_evidence_is_rejected_but_a_reference_artifact_is_accepted() {
+    let db = TestDb::new().await;
+    let orphan = sqlx::query(
+        "INSERT INTO ops.evidence_artifacts (artifact_type, source_system, artifact_url, created_by)
+         VALUES ('test_result', 'manual', 'https://ci.example/1', 'qa')",
+    )
+    .execute(&db.pool)
+    .await;
+    assert_eq!(sqlstate(orphan), CHECK_VIOLATION);
+
+    sqlx::query(
+        "INSERT INTO ops.evidence_artifacts (artifact_type, source_system, artifact_url, created_by)
+         VALUES ('reference', 'manual', 'https://wiki.example/runbook', 'qa')",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("a reference artifact needs no link");
+
+    // Evidence linked to a release, or to a deployment only, is fine.
+    let release_id = seed::release(&db.pool, "dev-1").await;
+    sqlx::query(
+        "INSERT INTO ops.evidence_artifacts (release_id, artifact_type, source_system, artifact_url, created_by)
+         VALUES ($1, 'test_result', 'manual', 'https://ci.example/2', 'qa')",
+    )
+    .bind(release_id)
+    .execute(&db.pool)
+    .await
+    .expect("linked evidence");
+    let deployment_id: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO ops.deployments (release_id, environment, deployed_by, source_ref, created_by)
+         VALUES ($1, 'staging', 'ci', 'abc123', 'ci') RETURNING deployment_id",
+    )
+    .bind(release_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO ops.evidence_artifacts (deployment_id, artifact_type, source_system, artifact_url, created_by)
+         VALUES ($1, 'health_check', 'monitoring', 'https://mon.example/3', 'mon')",
+    )
+    .bind(deployment_id)
+    .execute(&db.pool)
+    .await
+    .expect("evidence linked to a deployment only");
+}
+
+#[tokio::test]
+async fn exceptions_need_an_expiry_after_their_start() {
+    let db = TestDb::new().await;
+    let release_id = seed::release(&db.pool, "dev-1").await;
+    let insert = |expires: Option<&'static str>| {
+        sqlx::query(
+            "INSERT INTO ops.exceptions (release_id, exception_type, impacted_gates, reason, risk_statement,
+                                         approver_id, effective_from, expires_at, created_by)
+             VALUES ($1, 'gate_bypass', '{G3}', 'hotfix', 'low', 'rm-1', '2026-01-01T00:00:00Z', $2::timestamptz, 'rm-1')",
+        )
+        .bind(release_id)
+        .bind(expires)
+        .execute(&db.pool)
+    };
+    assert_eq!(sqlstate(insert(None).await), NOT_NULL_VIOLATION);
+    assert_eq!(
+        sqlstate(insert(Some("2025-12-31T23:59:59Z")).await),
+        CHECK_VIOLATION
+    );
+    assert_eq!(
+        sqlstate(insert(Some("2026-01-01T00:00:00Z")).await),
+        CHECK_VIOLATION
+    );
+    insert(Some("2026-01-01T00:00:01Z"))
+        .await
+        .expect("a forward window is accepted");
+}
+
+#[tokio::test]
+async fn environment_events_are_append_only() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "INSERT INTO ops.environment_events (environment, event_type, source_system, idempotency_key, created_by)
+         VALUES ('production', 'alert_fired', 'monitoring', 'mon/1', 'mon')",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("insert is allowed");
+
+    let update = sqlx::query("UPDATE ops.environment_events SET event_type = 'edited'")
+        .execute(&db.pool)
+        .await;
+    assert_eq!(sqlstate(update), RESTRICT_VIOLATION);
+    let delete = sqlx::query("DELETE FROM ops.environment_events")
+        .execute(&db.pool)
+        .await;
+    assert_eq!(sqlstate(delete), RESTRICT_VIOLATION);
+    let truncate = sqlx::query("TRUNCATE ops.environment_events")
+        .execute(&db.pool)
+        .await;
+    assert_eq!(sqlstate(truncate), RESTRICT_VIOLATION);
+
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.environment_events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+}
+
+const HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+async fn ledger_row(
+    db: &TestDb,
+    key: &str,
+    status: &str,
+) -> Result<sqlx::postgres::PgQueryResult, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO ops.event_ingest_log (source_system, event_type, idempotency_key, schema_version,
+                                           payload_hash, processing_status, response_code, error_detail, result, created_by)
+         VALUES ('github_actions', 'build_complete', $1, 'v1.0', $2, $3::ops.ops_processing_status,
+                 CASE WHEN $3 IN ('accepted', 'duplicate') THEN 200 ELSE 400 END,
+                 CASE WHEN $3 IN ('accepted', 'duplicate') THEN NULL ELSE 'bad' END, '{}', 'worker')",
+    )
+    .bind(key)
+    .bind(HASH)
+    .bind(status)
+    .execute(&db.pool)
+    .await
+}
+
+#[tokio::test]
+async fn the_ledger_holds_one_accepted_row_per_key_and_any_number_of_other_attempts() {
+    let db = TestDb::new().await;
+    ledger_row(&db, "ci/1/build_complete/a", "accepted")
+        .await
+        .expect("first accepted");
+    assert_eq!(
+        sqlstate(ledger_row(&db, "ci/1/build_complete/a", "accepted").await),
+        UNIQUE_VIOLATION
+    );
+    for status in ["duplicate", "duplicate", "rejected", "error"] {
+        ledger_row(&db, "ci/1/build_complete/a", status)
+            .await
+            .unwrap_or_else(|e| panic!("{status} row for an accepted key: {e}"));
+    }
+    ledger_row(&db, "ci/1/build_complete/b", "accepted")
+        .await
+        .expect("another key");
+
+    // Rows written by an earlier transaction cannot be rewritten or removed.
+    let rewrite = sqlx::query("UPDATE ops.event_ingest_log SET result = '{\"forged\": true}'")
+        .execute(&db.pool)
+        .await;
+    assert_eq!(sqlstate(rewrite), RESTRICT_VIOLATION);
+    let delete = sqlx::query("DELETE FROM ops.event_ingest_log")
+        .execute(&db.pool)
+        .await;
+    assert_eq!(sqlstate(delete), RESTRICT_VIOLATION);
+}
+
+#[tokio::test]
+async fn gate_codes_are_a_closed_set_and_one_row_per_gate_and_release() {
+    let db = TestDb::new().await;
+    let release_id = seed::release(&db.pool, "dev-1").await;
+    let g5 = sqlx::query(
+        "INSERT INTO ops.release_gates (release_id, gate_code, created_by) VALUES ($1, 'G5', 'test')",
+    )
+    .bind(release_id)
+    .execute(&db.pool)
+    .await;
+    assert_eq!(sqlstate(g5), INVALID_TEXT_REPRESENTATION);
+
+    seed::gate(&db.pool, release_id, "G2").await;
+    let second_g2 = sqlx::query(
+        "INSERT INTO ops.release_gates (release_id, gate_code, created_by) VALUES ($1, 'G2', 'test')",
+    )
+    .bind(release_id)
+    .execute(&db.pool)
+    .await;
+    assert_eq!(sqlstate(second_g2), UNIQUE_VIOLATION);
+}
+
+#[tokio::test]
+async fn gate_name_is_derived_from_gate_code() {
+    let db = TestDb::new().await;
+    let release_id = seed::release(&db.pool, "dev-1").await;
+    let gate_id = seed::gate(&db.pool, release_id, "G3").await;
+    let name: String =
+        sqlx::query_scalar("SELECT gate_name FROM ops.release_gates WHERE gate_id = $1")
+            .bind(gate_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(name, "Promotion Readiness");
+
+    let free_text =
+        sqlx::query("UPDATE ops.release_gates SET gate_name = 'Whatever' WHERE gate_id = $1")
+            .bind(gate_id)
+            .execute(&db.pool)
+            .await;
+    assert!(free_text.is_err(), "gate_name must not be writable");
+}
+
+#[tokio::test]
+async fn sha256_columns_hold_64_hex_characters_or_null() {
+    let db = TestDb::new().await;
+    let release_id = seed::release(&db.pool, "dev-1").await;
+    let insert = |sha: Option<String>| {
+        sqlx::query(
+            "INSERT INTO ops.evidence_artifacts (release_id, artifact_type, source_system, artifact_url, sha256, created_by)
+             VALUES ($1, 'build_log', 'github_actions', 'https://ci.example/log', $2, 'ci')",
+        )
+        .bind(release_id)
+        .bind(sha)
+        .execute(&db.pool)
+    };
+    for bad in ["abc", &"g".repeat(64), &"a".repeat(63), &"a".repeat(65)] {
+        assert_eq!(
+            sqlstate(insert(Some(bad.to_owned())).await),
+            CHECK_VIOLATION,
+            "{bad}"
+        );
+    }
+    insert(Some("ab".repeat(32)))
+        .await
+        .expect("64 hex characters");
+    insert(None).await.expect("NULL");
+
+    let bad_ledger_hash = sqlx::query(
+        "INSERT INTO ops.event_ingest_log (payload_hash, processing_status, response_code, error_detail, created_by)
+         VALUES ('nothex', 'rejected', 400, 'bad', 'worker')",
+    )
+    .execute(&db.pool)
+    .await;
+    assert_eq!(sqlstate(bad_ledger_hash), CHECK_VIOLATION);
+}
+
+#[tokio::test]
+async fn deployments_roll_back_existing_deployments_only() {
+    let db = TestDb::new().await;
+    let release_id = seed::release(&db.pool, "dev-1").await;
+    let dangling = sqlx::query(
+        "INSERT INTO ops.deployments (release_id, environment, deployed_by, source_ref, rollback_of, created_by)
+         VALUES ($1, 'production', 'sre-1', 'abc123', gen_random_uuid(), 'sre-1')",
+    )
+    .bind(release_id)
+    .execute(&db.pool)
+    .await;
+    assert_eq!(sqlstate(dangling), FOREIGN_KEY_VIOLATION);
+
+    let first: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO ops.deployments (release_id, environment, deployed_by, source_ref, created_by)
+         VALUES ($1, 'production', 'sre-1', 'abc123', 'sre-1') RETURNING deployment_id",
+    )
+    .bind(release_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO ops.deployments (release_id, environment, deployed_by, source_ref, rollback_of, created_by)
+         VALUES ($1, 'production', 'sre-1', 'prev999', $2, 'sre-1')",
+    )
+    .bind(release_id)
+    .bind(first)
+    .execute(&db.pool)
+    .await
+    .expect("a rollback of an existing deployment");
+}
+
+#[tokio::test]
+async fn every_governance_table_records_provenance() {
+    let db = TestDb::new().await;
+    let rows = sqlx::query(
+        "SELECT c.table_name::text AS table_name,
+                bool_or(c.column_name = 'created_at' AND c.column_default LIKE 'now()%') AS has_created_at,
+                bool_or(c.column_name = 'created_by' AND c.is_nullable = 'NO') AS has_created_by
+         FROM information_schema.columns c
+         JOIN information_schema.tables t USING (table_schema, table_name)
+         WHERE c.table_schema = 'ops' AND t.table_type = 'BASE TABLE'
+         GROUP BY c.table_name",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    for row in rows {
+        let table: String = row.get("table_name");
+        if table == "event_ingest_log" {
+            // The ledger's time column is the PRD's received_at.
+            assert!(row.get::<bool, _>("has_created_by"), "{table}.created_by");
+            continue;
+        }
+        assert!(row.get::<bool, _>("has_created_at"), "{table}.created_at");
+        assert!(row.get::<bool, _>("has_created_by"), "{table}.created_by");
+    }
+
+    let nameless = sqlx::query(
+        "INSERT INTO ops.releases (project, release_name, environment_target, source_ref, initiating_actor, created_by)
+         VALUES ('acme/odoo', 'v1', 'production', 'abc', 'dev-1', NULL)",
+    )
+    .execute(&db.pool)
+    .await;
+    assert_eq!(sqlstate(nameless), NOT_NULL_VIOLATION);
+}
