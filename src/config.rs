@@ -166,6 +166,18 @@ impl DatabaseSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct AmqpSettings {
     pub url: SecretUrl,
+    pub namespace: String,
+    pub prefetch: u16,
+    pub delivery_limit: u32,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    pub confirm_timeout_secs: u64,
+}
+
+impl AmqpSettings {
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_secs(self.confirm_timeout_secs)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
