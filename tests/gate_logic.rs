@@ -1,0 +1,507 @@
+//! Gate logic in the database: derived gate state, eligibility, separation of
+//! duties, the hard rule on G3, and sweeps with a controlled clock.
+
+mod common;
+
+use chrono::{Duration, Utc};
+use common::seed::{self, at};
+use common::*;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use uuid::Uuid;
+
+const SHA: &str = "abc123";
+
+async fn release(db: &TestDb) -> Uuid {
+    seed::release(&db.pool, "dev-1").await
+}
+
+async fn staging_deploy(db: &TestDb, release_id: Uuid) {
+    seed::deployment(&db.pool, release_id, "staging", "succeeded", SHA, at(10)).await;
+}
+
+// --- The four T4 cases ------------------------------------------------------
+
+#[tokio::test]
+async fn all_gates_passed_is_eligible_for_staging_and_production() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    seed::pass_g1_g2(&db.pool, r).await;
+    seed::pass_g3(&db.pool, r).await;
+    assert!(seed::eligible(&db.pool, r, "staging", None).await);
+    // Production also needs the same source_ref to have succeeded in staging.
+    assert!(!seed::eligible(&db.pool, r, "production", None).await);
+    assert_eq!(
+        seed::blockers(&db.pool, r, "production").await,
+        vec![format!(
+            "no succeeded staging deployment of {SHA} (linear promotion)"
+        )]
+    );
+    staging_deploy(&db, r).await;
+    assert!(seed::eligible(&db.pool, r, "production", None).await);
+    assert_eq!(
+        seed::gate_statuses(&db.pool, r).await[..3],
+        [
+            ("G1".into(), "passed".into()),
+            ("G2".into(), "passed".into()),
+            ("G3".into(), "passed".into())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn g2_failed_is_not_eligible_for_staging_or_production() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    seed::pass_g1_g2(&db.pool, r).await;
+    seed::pass_g3(&db.pool, r).await;
+    staging_deploy(&db, r).await;
+    // A later rejection from the same role overrides the approval.
+    seed::approval(&db.pool, r, "G2", "qa-2", "qa_tester", "rejected", at(5)).await;
+    assert_eq!(seed::gate_status(&db.pool, r, "G2").await, "failed");
+    assert!(!seed::eligible(&db.pool, r, "staging", None).await);
+    assert!(!seed::eligible(&db.pool, r, "production", None).await);
+    let blockers = seed::blockers(&db.pool, r, "staging").await;
+    assert_eq!(blockers.len(), 1, "{blockers:?}");
+    assert!(
+        blockers[0].contains("G2 Validation Readiness is failed: rejected by qa-2"),
+        "{blockers:?}"
+    );
+}
+
+#[tokio::test]
+async fn g3_bypassed_by_an_active_exception_is_eligible_and_not_once_it_expired() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    seed::pass_g1_g2(&db.pool, r).await;
+    staging_deploy(&db, r).await;
+    assert!(!seed::eligible(&db.pool, r, "production", None).await);
+
+    let now = Utc::now();
+    let expires = now + Duration::hours(1);
+    let exception = seed::exception(
+        &db.pool,
+        r,
+        &["G3"],
+        "rm-1",
+        now - Duration::hours(1),
+        expires,
+    )
+    .await;
+    assert_eq!(seed::gate_status(&db.pool, r, "G3").await, "bypassed");
+    let bypass: Option<Uuid> = sqlx::query_scalar(
+        "SELECT exception_id FROM ops.release_gates WHERE release_id = $1 AND gate_code = 'G3'",
+    )
+    .bind(r)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(bypass, Some(exception));
+    assert!(seed::eligible(&db.pool, r, "production", None).await);
+
+    // The same exception, expired: not eligible, with or without the sweep.
+    let after = expires + Duration::seconds(1);
+    assert!(!seed::eligible(&db.pool, r, "production", Some(after)).await);
+    sqlx::query("SELECT ops.sweep_expired_exceptions($1)")
+        .bind(after)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert!(!seed::eligible(&db.pool, r, "production", None).await);
+    assert_eq!(seed::gate_status(&db.pool, r, "G3").await, "pending");
+}
+
+// --- Order independence -----------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+enum Fact {
+    Check(&'static str, &'static str, &'static str, i64),
+    Approval(&'static str, &'static str, &'static str, &'static str, i64),
+    Evidence(&'static str),
+}
+
+async fn insert(db: &TestDb, r: Uuid, fact: Fact) {
+    match fact {
+        Fact::Check(gate, name, status, t) => {
+            seed::check(&db.pool, r, gate, name, status, at(t)).await;
+        }
+        Fact::Approval(gate, who, role, decision, t) => {
+            seed::approval(&db.pool, r, gate, who, role, decision, at(t)).await;
+        }
+        Fact::Evidence(kind) => seed::evidence(&db.pool, r, kind).await,
+    }
+}
+
+/// Gate statuses and explanations of a release, for comparison.
+async fn derived(db: &TestDb, r: Uuid) -> Vec<(String, String, serde_json::Value)> {
+    sqlx::query_as(
+        "SELECT gate_code::text, status::text, explanation - 'exception' FROM ops.release_gates
+         WHERE release_id = $1 ORDER BY gate_code",
+    )
+    .bind(r)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+async fn converges(
+    facts: &[Fact],
+    orders: usize,
+    seed: u64,
+) -> Vec<(String, String, serde_json::Value)> {
+    let db = TestDb::new().await;
+    let reference = release(&db).await;
+    for fact in facts {
+        insert(&db, reference, *fact).await;
+    }
+    let expected = derived(&db, reference).await;
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for round in 0..orders {
+        let mut shuffled = facts.to_vec();
+        shuffled.shuffle(&mut rng);
+        let r = release(&db).await;
+        for fact in &shuffled {
+            insert(&db, r, *fact).await;
+        }
+        assert_eq!(
+            derived(&db, r).await,
+            expected,
+            "seed {seed}, round {round}, order {shuffled:?}"
+        );
+    }
+    expected
+}
+
+fn seed_from_env() -> u64 {
+    std::env::var("OPSGATE_PROPTEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| Utc::now().timestamp_micros() as u64)
+}
+
+#[tokio::test]
+async fn the_same_facts_in_any_order_give_the_same_gate_statuses() {
+    let facts = [
+        // A fail, then a pass of the same check: the later observation wins.
+        Fact::Check("G1", "unit_tests", "fail", 1),
+        Fact::Check("G1", "unit_tests", "pass", 2),
+        Fact::Check("G1", "lint", "warning", 3),
+        Fact::Check("G1", "docs", "skipped", 4),
+        // The approval may arrive before the evidence it needs.
+        Fact::Approval("G2", "qa-1", "qa_tester", "approved", 5),
+        Fact::Evidence("uat_summary"),
+        Fact::Approval("G3", "rm-1", "release_manager", "request_changes", 6),
+        Fact::Approval("G3", "rm-2", "release_manager", "approved", 7),
+        // Ignored for separation of duties, whatever its position.
+        Fact::Approval("G3", "dev-1", "release_manager", "approved", 8),
+        Fact::Evidence("rollback_plan"),
+    ];
+    let seed = seed_from_env();
+    let expected = converges(&facts, 12, seed).await;
+    let statuses: Vec<&str> = expected.iter().map(|(_, s, _)| s.as_str()).collect();
+    assert_eq!(statuses, ["passed", "passed", "passed", "pending"]);
+}
+
+#[tokio::test]
+async fn a_later_fail_or_rejection_wins_in_any_order() {
+    let facts = [
+        Fact::Check("G1", "unit_tests", "pass", 1),
+        Fact::Check("G1", "unit_tests", "fail", 2),
+        Fact::Approval("G2", "qa-1", "qa_tester", "approved", 3),
+        Fact::Approval("G2", "qa-2", "qa_tester", "rejected", 4),
+        Fact::Evidence("test_result"),
+    ];
+    let expected = converges(&facts, 8, seed_from_env()).await;
+    let statuses: Vec<&str> = expected.iter().map(|(_, s, _)| s.as_str()).collect();
+    // G3 has no facts of its own yet: pending, whatever G1 and G2 say.
+    assert_eq!(statuses, ["failed", "failed", "pending", "pending"]);
+}
+
+// --- Separation of duties ---------------------------------------------------
+
+async fn g3_explanation(db: &TestDb, r: Uuid) -> String {
+    sqlx::query_scalar::<_, serde_json::Value>(
+        "SELECT explanation FROM ops.release_gates WHERE release_id = $1 AND gate_code = 'G3'",
+    )
+    .bind(r)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+    .to_string()
+}
+
+#[tokio::test]
+async fn g3_approved_by_the_initiator_does_not_pass() {
+    let db = TestDb::new().await;
+    let r = release(&db).await; // initiated by dev-1
+    seed::pass_g1_g2(&db.pool, r).await;
+    seed::evidence(&db.pool, r, "rollback_plan").await;
+    seed::approval(
+        &db.pool,
+        r,
+        "G3",
+        "dev-1",
+        "release_manager",
+        "approved",
+        at(3),
+    )
+    .await;
+    assert_ne!(seed::gate_status(&db.pool, r, "G3").await, "passed");
+    let why = g3_explanation(&db, r).await;
+    assert!(
+        why.contains(
+            "approval by dev-1 ignored: they initiated the release (separation of duties)"
+        ),
+        "{why}"
+    );
+
+    // Another release manager's approval passes it.
+    seed::approval(
+        &db.pool,
+        r,
+        "G3",
+        "rm-9",
+        "release_manager",
+        "approved",
+        at(4),
+    )
+    .await;
+    assert_eq!(seed::gate_status(&db.pool, r, "G3").await, "passed");
+}
+
+#[tokio::test]
+async fn g3_approved_by_the_g2_approver_does_not_pass() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    seed::pass_g1_g2(&db.pool, r).await; // G2 approved by qa-1
+    seed::evidence(&db.pool, r, "rollback_plan").await;
+    seed::approval(
+        &db.pool,
+        r,
+        "G3",
+        "qa-1",
+        "release_manager",
+        "approved",
+        at(3),
+    )
+    .await;
+    assert_ne!(seed::gate_status(&db.pool, r, "G3").await, "passed");
+    let why = g3_explanation(&db, r).await;
+    assert!(
+        why.contains(
+            "approval by qa-1 ignored: they approved a required gate (separation of duties)"
+        ),
+        "{why}"
+    );
+    let blockers = seed::blockers(&db.pool, r, "production").await.join("\n");
+    assert!(blockers.contains("separation of duties"), "{blockers}");
+}
+
+// --- Integrity rule 1 as a hard rule ------------------------------------------
+
+#[tokio::test]
+async fn a_direct_update_passing_production_g3_without_facts_raises() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    seed::pass_g1_g2(&db.pool, r).await;
+    let update = sqlx::query(
+        "UPDATE ops.release_gates SET status = 'passed' WHERE release_id = $1 AND gate_code = 'G3'",
+    )
+    .bind(r)
+    .execute(&db.pool)
+    .await;
+    assert_eq!(sqlstate(update), CHECK_VIOLATION);
+
+    let bypass = sqlx::query("UPDATE ops.release_gates SET status = 'bypassed' WHERE release_id = $1 AND gate_code = 'G3'")
+        .bind(r)
+        .execute(&db.pool)
+        .await;
+    assert_eq!(sqlstate(bypass), CHECK_VIOLATION);
+    assert_eq!(seed::gate_status(&db.pool, r, "G3").await, "pending");
+
+    // With its facts present, the same update is consistent and allowed.
+    seed::pass_g3(&db.pool, r).await;
+    sqlx::query(
+        "UPDATE ops.release_gates SET status = 'passed' WHERE release_id = $1 AND gate_code = 'G3'",
+    )
+    .bind(r)
+    .execute(&db.pool)
+    .await
+    .expect("passing with approvals and evidence");
+}
+
+// --- Sweeps with a controlled clock -----------------------------------------
+
+async fn event_count(db: &TestDb, event_type: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM ops.environment_events WHERE event_type = $1")
+        .bind(event_type)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+async fn sweep_exceptions(db: &TestDb, now: seed::Ts) -> i32 {
+    sqlx::query_scalar("SELECT ops.sweep_expired_exceptions($1)")
+        .bind(now)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_exception_sweep_expires_past_expiry_only_and_only_once() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    seed::pass_g1_g2(&db.pool, r).await;
+    let now = seed::now();
+    let expires = now + Duration::hours(2);
+    let exception = seed::exception(
+        &db.pool,
+        r,
+        &["G3"],
+        "rm-1",
+        now - Duration::hours(1),
+        expires,
+    )
+    .await;
+    assert_eq!(seed::gate_status(&db.pool, r, "G3").await, "bypassed");
+
+    // One second before expiry: untouched.
+    assert_eq!(
+        sweep_exceptions(&db, expires - Duration::seconds(1)).await,
+        0
+    );
+    assert_eq!(seed::gate_status(&db.pool, r, "G3").await, "bypassed");
+    assert_eq!(event_count(&db, "exception_expired").await, 0);
+
+    // One second past: expired, bypass revoked, one event.
+    assert_eq!(
+        sweep_exceptions(&db, expires + Duration::seconds(1)).await,
+        1
+    );
+    let expired_at: Option<seed::Ts> =
+        sqlx::query_scalar("SELECT expired_at FROM ops.exceptions WHERE exception_id = $1")
+            .bind(exception)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(expired_at, Some(expires + Duration::seconds(1)));
+    assert_eq!(seed::gate_status(&db.pool, r, "G3").await, "pending");
+    assert_eq!(event_count(&db, "exception_expired").await, 1);
+
+    // A second run changes nothing.
+    assert_eq!(
+        sweep_exceptions(&db, expires + Duration::seconds(5)).await,
+        0
+    );
+    assert_eq!(event_count(&db, "exception_expired").await, 1);
+}
+
+#[tokio::test]
+async fn two_concurrent_sweepers_expire_an_exception_once() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    let now = Utc::now();
+    seed::exception(
+        &db.pool,
+        r,
+        &["G3"],
+        "rm-1",
+        now - Duration::hours(2),
+        now - Duration::hours(1),
+    )
+    .await;
+    let (a, b) = tokio::join!(sweep_exceptions(&db, now), sweep_exceptions(&db, now));
+    assert_eq!(a + b, 1);
+    assert_eq!(event_count(&db, "exception_expired").await, 1);
+}
+
+#[tokio::test]
+async fn the_g4_sweep_flags_deployments_past_their_sla_only() {
+    let db = TestDb::new().await;
+    let late = release(&db).await;
+    let on_time = release(&db).await;
+    let confirmed = release(&db).await;
+    // Deployed five minutes ago: the SLA is still running in real time.
+    let deployed = seed::now() - Duration::minutes(5);
+    let late_dep = seed::deployment(&db.pool, late, "production", "succeeded", SHA, deployed).await;
+    let on_time_dep = seed::deployment(
+        &db.pool,
+        on_time,
+        "production",
+        "succeeded",
+        SHA,
+        deployed + Duration::minutes(10),
+    )
+    .await;
+    let confirmed_dep = seed::deployment(
+        &db.pool,
+        confirmed,
+        "production",
+        "succeeded",
+        SHA,
+        deployed,
+    )
+    .await;
+    seed::health_check(
+        &db.pool,
+        confirmed,
+        confirmed_dep,
+        "pass",
+        deployed + Duration::minutes(5),
+    )
+    .await;
+
+    // 30 minutes and one second after the first deployments (production SLA: 30 min).
+    let now = deployed + Duration::minutes(30) + Duration::seconds(1);
+    let swept: i32 = sqlx::query_scalar("SELECT ops.sweep_overdue_g4($1)")
+        .bind(now)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(swept, 1);
+
+    let g4 = |id: Uuid| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT g4_status::text FROM ops.deployments WHERE deployment_id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(g4(late_dep).await, "failed");
+    assert_eq!(g4(on_time_dep).await, "pending");
+    assert_eq!(g4(confirmed_dep).await, "passed");
+    assert_eq!(seed::gate_status(&db.pool, late, "G4").await, "failed");
+    assert_eq!(seed::gate_status(&db.pool, confirmed, "G4").await, "passed");
+    assert_eq!(event_count(&db, "g4_overdue").await, 1);
+
+    let again: i32 = sqlx::query_scalar("SELECT ops.sweep_overdue_g4($1)")
+        .bind(now)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(again, 0);
+    assert_eq!(event_count(&db, "g4_overdue").await, 1);
+}
+
+#[tokio::test]
+async fn a_health_check_after_the_sla_does_not_confirm_g4() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    let dep = seed::deployment(&db.pool, r, "production", "succeeded", SHA, at(0)).await;
+    seed::health_check(&db.pool, r, dep, "pass", at(31)).await;
+    let status: String =
+        sqlx::query_scalar("SELECT g4_status::text FROM ops.deployments WHERE deployment_id = $1")
+            .bind(dep)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    // Deployed in the past: the SLA is over and nothing passed within it.
+    assert_eq!(status, "failed");
+}
