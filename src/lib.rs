@@ -3,6 +3,7 @@
 //! PostgreSQL (`ops.*`) is the system of record; producers publish event
 //! envelopes to RabbitMQ and `opsgate worker` turns them into facts.
 
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod database;

@@ -1,0 +1,69 @@
+//! Connecting to RabbitMQ, once or until it works.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use lapin::{Connection, ConnectionProperties};
+use tokio_util::sync::CancellationToken;
+
+use super::BrokerError;
+use crate::config::AmqpSettings;
+
+/// One connection attempt. `name` shows up in the management UI, so
+/// operators can tell opsgate's connections (and which role) apart.
+pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, BrokerError> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(settings.url.expose(), properties)
+        .await
+        .map_err(|source| BrokerError::Connect {
+            address: settings.url.to_string(),
+            name: name.to_owned(),
+            source,
+        })
+}
+
+/// Connects, retrying forever with exponential backoff and jitter between
+/// `reconnect_min_ms` and `reconnect_max_ms`, so a broker restart or a
+/// deploy-order race heals by itself. `None` only when `cancel` fires.
+pub async fn connect_with_retry(
+    settings: &AmqpSettings,
+    name: &str,
+    cancel: &CancellationToken,
+) -> Option<Connection> {
+    let min = Duration::from_millis(settings.reconnect_min_ms.max(1));
+    let max = Duration::from_millis(settings.reconnect_max_ms).max(min);
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let mut attempt: u64 = 0;
+    loop {
+        attempt += 1;
+        let result = tokio::select! {
+            () = cancel.cancelled() => return None,
+            result = connect(settings, name) => result,
+        };
+        let error = match result {
+            Ok(connection) => {
+                if attempt > 1 {
+                    tracing::info!(address = %settings.url, connection = name, attempt, "connected to RabbitMQ");
+                }
+                return Some(connection);
+            }
+            Err(error) => error,
+        };
+        // backon's jitter adds up to one more delay; keep the configured cap.
+        let delay = delays.next().unwrap_or(max).min(max);
+        tracing::warn!(
+            attempt,
+            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "{error}"
+        );
+        tokio::select! {
+            () = cancel.cancelled() => return None,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Publishing with publisher confirms: a publish only succeeds once the
+//! broker has taken responsibility for the message.
+
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+
+use super::BrokerError;
+use super::topology::{NameTooLong, short};
+
+/// Why a publish did not end with the broker owning the message; each names
+/// the exchange and routing key.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(
+        "RabbitMQ refused (nacked) the message to exchange {exchange:?}, routing key {routing_key:?}"
+    )]
+    Nacked {
+        exchange: String,
+        routing_key: String,
+    },
+    #[error(
+        "no queue is bound for exchange {exchange:?}, routing key {routing_key:?}; RabbitMQ returned \
+         the message: {reply_code} {reply_text}"
+    )]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+        reply_code: u16,
+        reply_text: String,
+    },
+    #[error(
+        "RabbitMQ did not confirm the message to exchange {exchange:?}, routing key {routing_key:?} \
+         within {timeout:?}"
+    )]
+    Timeout {
+        exchange: String,
+        routing_key: String,
+        timeout: Duration,
+    },
+    #[error("publishing to exchange {exchange:?}, routing key {routing_key:?} failed: {source}")]
+    Broker {
+        exchange: String,
+        routing_key: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error(
+        "cannot publish to {name:?}: the name is {len} bytes long; RabbitMQ allows at most 255"
+    )]
+    NameTooLong { name: String, len: usize },
+}
+
+impl From<NameTooLong> for PublishError {
+    fn from(NameTooLong { name, len }: NameTooLong) -> Self {
+        PublishError::NameTooLong { name, len }
+    }
+}
+
+/// A confirm-mode channel. Cheap to clone; clones share the channel.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    channel: Channel,
+    confirm_timeout: Duration,
+}
+
+impl Publisher {
+    /// Opens a channel on `connection` and puts it in confirm mode.
+    pub async fn new(
+        connection: &Connection,
+        confirm_timeout: Duration,
+    ) -> Result<Publisher, BrokerError> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|source| BrokerError::Channel {
+                name: "publisher".to_owned(),
+                source,
+            })?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|source| BrokerError::ConfirmSelect { source })?;
+        Ok(Publisher {
+            channel,
+            confirm_timeout,
+        })
+    }
+
+    /// The underlying channel, e.g. to check it is still open.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes and waits for the broker's confirm. Persistent (delivery
+    /// mode 2) unless `properties` set a delivery mode. With `mandatory`, a
+    /// message no queue would receive is an error instead of silently lost.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), PublishError> {
+        let properties = if properties.delivery_mode().is_some() {
+            properties
+        } else {
+            properties.with_delivery_mode(2)
+        };
+        let exchange_name = short(exchange)?;
+        let routing_key_name = short(routing_key)?;
+        let broker = |source| PublishError::Broker {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            source,
+        };
+        let confirmed = async {
+            self.channel
+                .basic_publish(
+                    exchange_name,
+                    routing_key_name,
+                    BasicPublishOptions {
+                        mandatory,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        let confirmation = tokio::time::timeout(self.confirm_timeout, confirmed)
+            .await
+            .map_err(|_| PublishError::Timeout {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+                timeout: self.confirm_timeout,
+            })?
+            .map_err(broker)?;
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) => Err(PublishError::Unroutable {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+                reply_code: returned.reply_code,
+                reply_text: returned.reply_text.to_string(),
+            }),
+            // NotRequested cannot happen on a confirm-mode channel; if it did,
+            // nobody vouched for the message, which is what a nack means too.
+            Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+            }),
+        }
+    }
+}
