@@ -131,6 +131,39 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub amqp: AmqpSettings,
     pub log: LogSettings,
+    pub sweeps: SweepSettings,
+    pub retry: RetrySettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetrySettings {
+    /// Delay before each retry of a transient failure; its length is the
+    /// number of retries before the message is dead-lettered.
+    pub schedule_secs: Vec<u64>,
+    /// Each delay is randomized by up to this fraction either way.
+    pub jitter: f64,
+}
+
+impl RetrySettings {
+    pub fn schedule(&self) -> Vec<Duration> {
+        self.schedule_secs
+            .iter()
+            .map(|secs| Duration::from_secs(*secs))
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SweepSettings {
+    /// Whether `opsgate worker` runs the sweeps itself.
+    pub enabled: bool,
+    pub interval_secs: u64,
+}
+
+impl SweepSettings {
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs(self.interval_secs)
+    }
 }
 
 fn default_stage() -> Stage {
@@ -239,6 +272,8 @@ pub fn load_from(
                 .prefix_separator("__")
                 .separator("__")
                 .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("retry.schedule_secs")
                 .source(Some(opsgate_env)),
         );
 

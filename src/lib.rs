@@ -7,4 +7,8 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod database;
+pub mod policy;
+pub mod releases;
+pub mod shutdown;
+pub mod sweeps;
 pub mod telemetry;

@@ -123,3 +123,15 @@ fn a_bad_value_names_the_key() {
     let error = config::load_from(&config_dir(), &env(&[("ODOO_STAGE", "prod")])).unwrap_err();
     assert!(error.to_string().contains("ODOO_STAGE"), "{error}");
 }
+
+#[test]
+fn the_retry_schedule_can_be_overridden_as_a_list() {
+    let settings = config::load_from(
+        &config_dir(),
+        &env(&[("OPSGATE__RETRY__SCHEDULE_SECS", "1,2,3")]),
+    )
+    .unwrap();
+    assert_eq!(settings.retry.schedule_secs, vec![1, 2, 3]);
+    let default = config::load_from(&config_dir(), &env(&[])).unwrap();
+    assert_eq!(default.retry.schedule_secs, vec![1, 5, 30, 120, 600]);
+}

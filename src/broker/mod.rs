@@ -98,5 +98,8 @@ async fn declare_on(
             name: name.to_owned(),
             source,
         })?;
-    topology.declare(&channel).await
+    let declared = topology.declare(&channel).await;
+    // Close the channel before the connection so the two closes do not race.
+    let _ = channel.close(200, "declared".into()).await;
+    declared
 }

@@ -8,6 +8,10 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Settings};
 
 mod migrate;
+mod policy;
+mod release;
+mod setup;
+mod sweep;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,6 +37,16 @@ pub struct Cli {
 pub enum Command {
     /// Create the database when missing and apply pending migrations.
     Migrate,
+    /// Declare the RabbitMQ topology (exchanges, queues, retry tiers, dead letters).
+    Setup,
+    /// Show a release's gates, or ask whether it may be promoted.
+    #[command(subcommand)]
+    Release(release::ReleaseCommand),
+    /// Run the sweeps: expire exceptions, flag overdue G4 confirmations.
+    Sweep(sweep::SweepArgs),
+    /// Show or change the gate policies.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// Print the effective settings (passwords redacted).
     Config,
 }
@@ -42,6 +56,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     crate::telemetry::init(&settings.log);
     match cli.command {
         Command::Migrate => migrate::run(&settings).await,
+        Command::Setup => setup::run(&settings).await,
+        Command::Release(command) => release::run(&settings, command).await,
+        Command::Sweep(args) => sweep::run(&settings, args).await,
+        Command::Policy(command) => policy::run(&settings, &cli.config_dir, command).await,
         Command::Config => {
             print_settings(&settings);
             Ok(ExitCode::SUCCESS)
@@ -51,4 +69,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn print_settings(settings: &Settings) {
     println!("{settings:#?}");
+}
+
+/// Prints `value` as pretty JSON on stdout.
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
 }

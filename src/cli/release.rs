@@ -1,0 +1,110 @@
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+
+use crate::config::Settings;
+use crate::database;
+use crate::releases::{self, ReleaseRef};
+
+#[derive(Debug, Subcommand)]
+pub enum ReleaseCommand {
+    /// Print the release and each gate with its explanation.
+    Show(ShowArgs),
+    /// Exit 0 when the release may be promoted to --env, 1 with the blockers when not.
+    Eligible(EligibleArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// Release id, or <project>/<release_name>.
+    release: ReleaseRef,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EligibleArgs {
+    /// Release id, or <project>/<release_name>.
+    release: ReleaseRef,
+    /// Target environment: dev, staging or production.
+    #[arg(long)]
+    env: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(settings: &Settings, command: ReleaseCommand) -> anyhow::Result<ExitCode> {
+    let pool = database::connect(&settings.database).await?;
+    match command {
+        ReleaseCommand::Show(args) => {
+            let id = releases::resolve(&pool, &args.release).await?;
+            let release = releases::show(&pool, id).await?;
+            if args.json {
+                super::print_json(&release)?;
+            } else {
+                println!(
+                    "{}/{} ({})  target {}  source {}  status {}",
+                    release.project,
+                    release.release_name,
+                    release.release_id,
+                    release.environment_target,
+                    release.source_ref,
+                    release.status
+                );
+                for gate in &release.gates {
+                    println!(
+                        "  {} {:<38} {}",
+                        gate.gate_code, gate.gate_name, gate.status
+                    );
+                    for requirement in gate.explanation["requirements"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                    {
+                        let met = requirement["met"].as_bool().unwrap_or(false);
+                        println!(
+                            "      [{}] {}",
+                            if met { "x" } else { " " },
+                            requirement["detail"].as_str().unwrap_or_default()
+                        );
+                    }
+                    if let Some(exception) =
+                        gate.explanation.get("exception").filter(|e| !e.is_null())
+                    {
+                        println!(
+                            "      bypassed by exception {} (approved by {}, expires {})",
+                            exception["exception_id"].as_str().unwrap_or_default(),
+                            exception["approver_id"].as_str().unwrap_or_default(),
+                            exception["expires_at"].as_str().unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ReleaseCommand::Eligible(args) => {
+            let id = releases::resolve(&pool, &args.release).await?;
+            let answer = releases::eligibility(&pool, id, &args.env).await?;
+            if args.json {
+                super::print_json(&answer)?;
+            } else if answer.eligible {
+                println!("{} is eligible for {}", args.release, answer.target_env);
+            } else {
+                println!(
+                    "{} is NOT eligible for {}:",
+                    args.release, answer.target_env
+                );
+                for blocker in &answer.blockers {
+                    println!("  - {blocker}");
+                }
+            }
+            Ok(if answer.eligible {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! `opsgate release`, `opsgate sweep` and `opsgate policy` as CI and people run them.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::seed::{self, at};
+use common::*;
+
+fn opsgate(db: &TestDb, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_opsgate"))
+        .arg("--config-dir")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+        .args(args)
+        .env("OPSGATE__DATABASE__URL", db.settings.url.expose())
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run opsgate")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn eligible_exits_1_with_readable_blockers_and_0_when_eligible() {
+    let db = TestDb::new().await;
+    let blocked = seed::release_named(&db.pool, "acme/odoo", "v1.0", "dev-1", "sha-1").await;
+    seed::check(&db.pool, blocked, "G1", "unit_tests", "fail", at(1)).await;
+
+    let output = opsgate(
+        &db,
+        &[
+            "release",
+            "eligible",
+            "acme/odoo/v1.0",
+            "--env",
+            "production",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let text = stdout(&output);
+    assert!(
+        text.contains("acme/odoo/v1.0 is NOT eligible for production:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  - G1 Build Integrity is failed: failing checks: unit_tests"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  - G2 Validation Readiness is pending: missing approval: qa_tester"),
+        "{text}"
+    );
+    assert!(text.contains("missing evidence: rollback_plan"), "{text}");
+    assert!(
+        text.contains("no succeeded staging deployment of sha-1 (linear promotion)"),
+        "{text}"
+    );
+
+    let ready = seed::release_named(&db.pool, "acme/odoo", "v1.1", "dev-1", "sha-2").await;
+    seed::pass_g1_g2(&db.pool, ready).await;
+    seed::pass_g3(&db.pool, ready).await;
+    seed::deployment(&db.pool, ready, "staging", "succeeded", "sha-2", at(5)).await;
+    let output = opsgate(
+        &db,
+        &[
+            "release",
+            "eligible",
+            &ready.to_string(),
+            "--env",
+            "production",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(stdout(&output).contains("is eligible for production"));
+
+    let output = opsgate(
+        &db,
+        &[
+            "release",
+            "eligible",
+            "acme/odoo/v1.0",
+            "--env",
+            "staging",
+            "--json",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(answer["eligible"], false);
+    assert_eq!(answer["target_env"], "staging");
+    assert_eq!(answer["blockers"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn show_prints_each_gate_with_its_explanation() {
+    let db = TestDb::new().await;
+    let r = seed::release_named(&db.pool, "acme/odoo", "v2.0", "dev-1", "sha-3").await;
+    seed::pass_g1_g2(&db.pool, r).await;
+    let output = opsgate(&db, &["release", "show", "acme/odoo/v2.0"]);
+    assert!(output.status.success(), "{output:?}");
+    let text = stdout(&output);
+    assert!(text.contains("G1 Build Integrity"), "{text}");
+    assert!(text.contains("[x] approved by qa-1"), "{text}");
+    assert!(
+        text.contains("[ ] missing evidence: rollback_plan"),
+        "{text}"
+    );
+
+    let output = opsgate(&db, &["release", "show", &r.to_string(), "--json"]);
+    let release: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let statuses: Vec<&str> = release["gates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["passed", "passed", "pending", "pending"]);
+
+    let missing = opsgate(&db, &["release", "show", "acme/odoo/v9"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr).trim(),
+        "error: release acme/odoo/v9 does not exist"
+    );
+}
+
+#[tokio::test]
+async fn sweep_once_runs_the_sweeps_as_of_the_given_time() {
+    let db = TestDb::new().await;
+    let r = seed::release(&db.pool, "dev-1").await;
+    let now = seed::now();
+    seed::exception(
+        &db.pool,
+        r,
+        &["G3"],
+        "rm-1",
+        now - chrono::Duration::hours(1),
+        now + chrono::Duration::hours(1),
+    )
+    .await;
+    let later = (now + chrono::Duration::hours(2)).to_rfc3339();
+    let output = opsgate(&db, &["sweep", "--once", "--now", &later]);
+    assert!(output.status.success(), "{output:?}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["expired_exceptions"], 1);
+    let again = opsgate(&db, &["sweep", "--once", "--now", &later]);
+    let report: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(report["expired_exceptions"], 0);
+}
+
+#[tokio::test]
+async fn policy_apply_changes_what_a_gate_needs() {
+    let db = TestDb::new().await;
+    // The shipped file is what the migration seeded.
+    let output = opsgate(&db, &["policy", "apply"]);
+    assert!(stdout(&output).contains("12 policies"), "{output:?}");
+
+    let r = seed::release(&db.pool, "dev-1").await;
+    seed::check(&db.pool, r, "G1", "unit_tests", "pass", at(1)).await;
+    assert_eq!(seed::gate_status(&db.pool, r, "G1").await, "passed");
+
+    let dir = std::env::temp_dir().join(format!("opsgate-policy-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("policies.toml");
+    std::fs::write(
+        &file,
+        "[[policy]]\ngate = \"G1\"\nenvironment = \"production\"\nmin_passing_checks = 2\n",
+    )
+    .unwrap();
+    let output = opsgate(&db, &["policy", "apply", "--file", file.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(stdout(&output).contains("updated policy G1/production"));
+    // Re-evaluated at once: one passing check is no longer enough.
+    assert_eq!(seed::gate_status(&db.pool, r, "G1").await, "in_progress");
+
+    std::fs::write(
+        &file,
+        "[[policy]]\ngate = \"G5\"\nenvironment = \"production\"\n",
+    )
+    .unwrap();
+    let output = opsgate(&db, &["policy", "apply", "--file", file.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("policy G5/production was refused by the database"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
