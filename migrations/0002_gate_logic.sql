@@ -844,7 +844,8 @@ CREATE VIEW ops.v_deployment_history AS
 SELECT d.deployment_id, d.release_id, r.project, r.release_name, d.environment, d.source_ref,
        d.deployed_at, d.deployed_by, d.status, d.rollback_of,
        (SELECT rb.deployment_id FROM ops.deployments rb
-        WHERE rb.rollback_of = d.deployment_id ORDER BY rb.deployed_at DESC LIMIT 1) AS rolled_back_by,
+        WHERE rb.rollback_of = d.deployment_id AND rb.status = 'succeeded'
+        ORDER BY rb.deployed_at DESC LIMIT 1) AS rolled_back_by,
        d.rollback_of IS NOT NULL AS is_rollback,
        d.g4_status, d.g4_resolved_at, d.g4_overdue_at,
        d.deployed_at + make_interval(mins => p.sla_minutes) AS g4_deadline
@@ -854,14 +855,16 @@ LEFT JOIN ops.gate_policies p ON p.gate_code = 'G4' AND p.environment = d.enviro
 
 -- DORA metrics per environment: deployment frequency (last 30 days), lead
 -- time from release creation to its first succeeded deployment there, change
--- failure rate (deployments followed by an incident or a rollback) and time
--- to restore (incident detection to resolution).
+-- failure rate (deployments followed by an incident or a succeeded rollback)
+-- and time to restore (incident detection to resolution, per the incident's
+-- environment).
 CREATE VIEW ops.v_dora_metrics AS
 WITH deps AS (
     SELECT d.*, r.created_at AS release_created_at,
            EXISTS (SELECT 1 FROM ops.incidents i WHERE i.deployment_id = d.deployment_id)
            OR d.status = 'rolled_back'
-           OR EXISTS (SELECT 1 FROM ops.deployments rb WHERE rb.rollback_of = d.deployment_id) AS caused_failure
+           OR EXISTS (SELECT 1 FROM ops.deployments rb
+                      WHERE rb.rollback_of = d.deployment_id AND rb.status = 'succeeded') AS caused_failure
     FROM ops.deployments d
     JOIN ops.releases r ON r.release_id = d.release_id
     WHERE d.status IN ('succeeded', 'rolled_back') AND d.rollback_of IS NULL
@@ -871,8 +874,8 @@ first_deploys AS (
     FROM deps ORDER BY environment, release_id, deployed_at
 ),
 restores AS (
-    SELECT d.environment, i.resolved_at - i.detected_at AS time_to_restore
-    FROM ops.incidents i JOIN ops.deployments d ON d.deployment_id = i.deployment_id
+    SELECT i.environment, i.resolved_at - i.detected_at AS time_to_restore
+    FROM ops.incidents i
     WHERE i.resolved_at IS NOT NULL
 )
 SELECT e.environment,
