@@ -81,11 +81,13 @@ AS $$
 $$;
 
 -- When the release first reached its target (its first succeeded deployment
--- there), or NULL. A bypass that was valid then stays on record afterwards.
+-- there was recorded), or NULL. A bypass that was valid then stays on record
+-- afterwards. The database's own created_at counts, not the producer's
+-- deployed_at, so a backdated deployment cannot revive an expired exception.
 CREATE FUNCTION ops.release_promoted_at(p_release_id uuid) RETURNS timestamptz
 LANGUAGE sql STABLE
 AS $$
-    SELECT min(d.deployed_at)
+    SELECT min(d.created_at)
     FROM ops.deployments d
     JOIN ops.releases r ON r.release_id = d.release_id
     WHERE d.release_id = p_release_id
@@ -115,7 +117,8 @@ AS $$
           ops.exception_active(e, p_now)
           OR (ops.release_promoted_at(p_release_id) IS NOT NULL
               AND e.effective_from <= ops.release_promoted_at(p_release_id)
-              AND ops.release_promoted_at(p_release_id) < e.expires_at)
+              AND ops.release_promoted_at(p_release_id) < e.expires_at
+              AND (e.expired_at IS NULL OR ops.release_promoted_at(p_release_id) < e.expired_at))
       )
     ORDER BY e.expires_at DESC, e.exception_id
     LIMIT 1

@@ -133,6 +133,25 @@ pub struct Settings {
     pub log: LogSettings,
     pub sweeps: SweepSettings,
     pub retry: RetrySettings,
+    pub worker: WorkerSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerSettings {
+    /// Messages processed at once by one worker process.
+    pub max_in_flight: usize,
+    /// Bodies larger than this are rejected with 413.
+    pub max_body_bytes: usize,
+    /// On SIGTERM, how long in-flight messages may take before the worker exits.
+    pub shutdown_timeout_secs: u64,
+    /// Upper bound of the wait between attempts while PostgreSQL is unreachable.
+    pub database_retry_max_ms: u64,
+}
+
+impl WorkerSettings {
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -241,10 +260,7 @@ pub fn load(config_dir: &Path) -> Result<Settings, ConfigError> {
 
 /// Loads settings from `config_dir` with `env` standing for the environment,
 /// so tests can vary it without touching the process's own.
-pub fn load_from(
-    config_dir: &Path,
-    env: &HashMap<String, String>,
-) -> Result<Settings, ConfigError> {
+pub fn load_from(config_dir: &Path, env: &HashMap<String, String>) -> Result<Settings, ConfigError> {
     let stage: Stage = env
         .get("ODOO_STAGE")
         .map(|value| value.parse())
@@ -264,9 +280,7 @@ pub fn load_from(
 
     let mut builder = config::Config::builder()
         .add_source(config::File::from(config_dir.join("default.toml")).required(true))
-        .add_source(
-            config::File::from(config_dir.join(format!("{}.toml", stage.as_str()))).required(false),
-        )
+        .add_source(config::File::from(config_dir.join(format!("{}.toml", stage.as_str()))).required(false))
         .add_source(
             config::Environment::with_prefix("OPSGATE")
                 .prefix_separator("__")
@@ -282,13 +296,8 @@ pub fn load_from(
         ("DATABASE_URL", "database.url", "OPSGATE__DATABASE__URL"),
         ("AMQP_URL", "amqp.url", "OPSGATE__AMQP__URL"),
     ] {
-        if let Some(value) = env
-            .get(conventional)
-            .filter(|_| !env.contains_key(explicit))
-        {
-            builder = builder
-                .set_override(key, value.as_str())
-                .map_err(load_error)?;
+        if let Some(value) = env.get(conventional).filter(|_| !env.contains_key(explicit)) {
+            builder = builder.set_override(key, value.as_str()).map_err(load_error)?;
         }
     }
 
@@ -320,11 +329,7 @@ pub fn load_from(
 
 impl Settings {
     fn validate(&self) -> Result<(), ConfigError> {
-        check_url(
-            "database.url",
-            &self.database.url,
-            &["postgres", "postgresql"],
-        )?;
+        check_url("database.url", &self.database.url, &["postgres", "postgresql"])?;
         check_url("amqp.url", &self.amqp.url, &["amqp", "amqps"])?;
         positive(
             "database.max_connections",
@@ -346,9 +351,8 @@ impl Settings {
 }
 
 fn check_url(key: &str, url: &SecretUrl, schemes: &[&str]) -> Result<(), ConfigError> {
-    let parsed = url::Url::parse(url.expose()).map_err(|error| {
-        ConfigError::invalid(key, &url.to_string(), &format!("not a URL: {error}"))
-    })?;
+    let parsed = url::Url::parse(url.expose())
+        .map_err(|error| ConfigError::invalid(key, &url.to_string(), &format!("not a URL: {error}")))?;
     if !schemes.contains(&parsed.scheme()) {
         return Err(ConfigError::invalid(
             key,

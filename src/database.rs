@@ -37,18 +37,11 @@ pub enum DatabaseError {
 pub fn is_connection_error(error: &sqlx::Error) -> bool {
     matches!(
         error,
-        sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
     )
 }
 
-fn classify(
-    settings: &DatabaseSettings,
-    action: &'static str,
-    error: sqlx::Error,
-) -> DatabaseError {
+fn classify(settings: &DatabaseSettings, action: &'static str, error: sqlx::Error) -> DatabaseError {
     let address = settings.address();
     if is_connection_error(&error) {
         DatabaseError::Unreachable {
@@ -133,16 +126,14 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<MigrationReport, Dat
 }
 
 async fn applied_versions(pool: &PgPool) -> Result<BTreeSet<i64>, sqlx::Error> {
-    let table_exists: bool =
-        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-            .fetch_one(pool)
-            .await?;
+    let table_exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
     if !table_exists {
         return Ok(BTreeSet::new());
     }
-    let versions: Vec<i64> =
-        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-            .fetch_all(pool)
-            .await?;
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+        .fetch_all(pool)
+        .await?;
     Ok(versions.into_iter().collect())
 }

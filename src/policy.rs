@@ -117,19 +117,12 @@ pub async fn current(pool: &PgPool) -> Result<Vec<GatePolicy>, PolicyError> {
 /// database validates every value (enums, G4 SLA) and re-evaluates releases.
 pub async fn apply(pool: &PgPool, policies: &[GatePolicy]) -> Result<Vec<GatePolicy>, PolicyError> {
     let before = current(pool).await?;
-    let changed: Vec<GatePolicy> = policies
-        .iter()
-        .filter(|p| !before.contains(p))
-        .cloned()
-        .collect();
+    let changed: Vec<GatePolicy> = policies.iter().filter(|p| !before.contains(p)).cloned().collect();
     if changed.is_empty() {
         return Ok(changed);
     }
     let database = |action| move |source| PolicyError::Database { action, source };
-    let mut tx = pool
-        .begin()
-        .await
-        .map_err(database("begin a transaction"))?;
+    let mut tx = pool.begin().await.map_err(database("begin a transaction"))?;
     for policy in &changed {
         sqlx::query(
             "INSERT INTO ops.gate_policies

@@ -14,10 +14,7 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReleaseRef {
     Id(Uuid),
-    Name {
-        project: String,
-        release_name: String,
-    },
+    Name { project: String, release_name: String },
 }
 
 impl FromStr for ReleaseRef {
@@ -28,12 +25,10 @@ impl FromStr for ReleaseRef {
             return Ok(ReleaseRef::Id(id));
         }
         match value.rsplit_once('/') {
-            Some((project, name)) if !project.is_empty() && !name.is_empty() => {
-                Ok(ReleaseRef::Name {
-                    project: project.to_owned(),
-                    release_name: name.to_owned(),
-                })
-            }
+            Some((project, name)) if !project.is_empty() && !name.is_empty() => Ok(ReleaseRef::Name {
+                project: project.to_owned(),
+                release_name: name.to_owned(),
+            }),
             _ => Err(format!(
                 "{value:?} is neither a release id (UUID) nor <project>/<release_name>"
             )),
@@ -105,24 +100,22 @@ pub async fn resolve(pool: &PgPool, release: &ReleaseRef) -> Result<Uuid, Releas
         source,
     };
     let found: Option<Uuid> = match release {
-        ReleaseRef::Id(id) => {
-            sqlx::query_scalar("SELECT release_id FROM ops.releases WHERE release_id = $1")
-                .bind(id)
+        ReleaseRef::Id(id) => sqlx::query_scalar("SELECT release_id FROM ops.releases WHERE release_id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await
+            .map_err(query_error)?,
+        ReleaseRef::Name {
+            project,
+            release_name,
+        } => {
+            sqlx::query_scalar("SELECT release_id FROM ops.releases WHERE project = $1 AND release_name = $2")
+                .bind(project)
+                .bind(release_name)
                 .fetch_optional(pool)
                 .await
                 .map_err(query_error)?
         }
-        ReleaseRef::Name {
-            project,
-            release_name,
-        } => sqlx::query_scalar(
-            "SELECT release_id FROM ops.releases WHERE project = $1 AND release_name = $2",
-        )
-        .bind(project)
-        .bind(release_name)
-        .fetch_optional(pool)
-        .await
-        .map_err(query_error)?,
     };
     found.ok_or_else(|| ReleaseError::NotFound(release.clone()))
 }

@@ -79,10 +79,7 @@ impl Harness {
 
     async fn finish(self) {
         let cleanup = self.connection.create_channel().await.expect("channel");
-        self.topology
-            .delete(&cleanup)
-            .await
-            .expect("delete topology");
+        self.topology.delete(&cleanup).await.expect("delete topology");
         self.connection
             .close(200, "test done".into())
             .await
@@ -114,9 +111,7 @@ async fn declaring_twice_is_a_no_op() {
     );
 
     // Every queue exists (a passive declare fails on a missing queue).
-    let connection = broker::connect(&settings, "opsgate-test")
-        .await
-        .expect("connect");
+    let connection = broker::connect(&settings, "opsgate-test").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     let mut queues = vec![second.ingest_queue.clone(), second.dead_queue.clone()];
     queues.extend(second.retry_queues().into_iter().map(|(q, _)| q));
@@ -134,18 +129,13 @@ async fn declaring_twice_is_a_no_op() {
             .unwrap_or_else(|error| panic!("queue {queue} should exist: {error}"));
     }
     second.delete(&channel).await.expect("delete topology");
-    connection
-        .close(200, "test done".into())
-        .await
-        .expect("close");
+    connection.close(200, "test done".into()).await.expect("close");
 }
 
 #[tokio::test]
 async fn events_published_to_the_exchange_land_in_the_ingest_queue() {
     let harness = Harness::new(vec![Duration::from_secs(1)], 3).await;
-    harness
-        .publish_event(b"{\"kind\":\"build_complete\"}")
-        .await;
+    harness.publish_event(b"{\"kind\":\"build_complete\"}").await;
 
     let message = harness
         .get(&harness.topology.ingest_queue)
@@ -191,11 +181,7 @@ async fn retry_tier_returns_the_message_to_ingest_after_its_delay() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(
-        sent.elapsed() >= delay,
-        "came back after {:?}",
-        sent.elapsed()
-    );
+    assert!(sent.elapsed() >= delay, "came back after {:?}", sent.elapsed());
     assert_eq!(message.delivery.data, b"again");
     message
         .delivery
@@ -265,10 +251,7 @@ async fn a_message_rejected_past_the_delivery_limit_is_dead_lettered() {
     };
     assert_eq!(deliveries, 3, "delivery limit 2 allows 3 deliveries");
     assert_eq!(dead.delivery.data, b"poison");
-    dead.delivery
-        .ack(BasicAckOptions::default())
-        .await
-        .expect("ack");
+    dead.delivery.ack(BasicAckOptions::default()).await.expect("ack");
     harness.finish().await;
 }
 
@@ -296,10 +279,7 @@ async fn connect_with_retry_gives_up_only_when_cancelled() {
     let connection = broker::connect_with_retry(&good, "opsgate-test", &cancel_never())
         .await
         .expect("connects");
-    connection
-        .close(200, "test done".into())
-        .await
-        .expect("close");
+    connection.close(200, "test done".into()).await.expect("close");
 }
 
 fn cancel_never() -> tokio_util::sync::CancellationToken {

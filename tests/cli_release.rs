@@ -31,13 +31,7 @@ async fn eligible_exits_1_with_readable_blockers_and_0_when_eligible() {
 
     let output = opsgate(
         &db,
-        &[
-            "release",
-            "eligible",
-            "acme/odoo/v1.0",
-            "--env",
-            "production",
-        ],
+        &["release", "eligible", "acme/odoo/v1.0", "--env", "production"],
     );
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     let text = stdout(&output);
@@ -65,13 +59,7 @@ async fn eligible_exits_1_with_readable_blockers_and_0_when_eligible() {
     seed::deployment(&db.pool, ready, "staging", "succeeded", "sha-2", at(5)).await;
     let output = opsgate(
         &db,
-        &[
-            "release",
-            "eligible",
-            &ready.to_string(),
-            "--env",
-            "production",
-        ],
+        &["release", "eligible", &ready.to_string(), "--env", "production"],
     );
     assert_eq!(output.status.code(), Some(0), "{output:?}");
     assert!(stdout(&output).contains("is eligible for production"));
@@ -104,10 +92,7 @@ async fn show_prints_each_gate_with_its_explanation() {
     let text = stdout(&output);
     assert!(text.contains("G1 Build Integrity"), "{text}");
     assert!(text.contains("[x] approved by qa-1"), "{text}");
-    assert!(
-        text.contains("[ ] missing evidence: rollback_plan"),
-        "{text}"
-    );
+    assert!(text.contains("[ ] missing evidence: rollback_plan"), "{text}");
 
     let output = opsgate(&db, &["release", "show", &r.to_string(), "--json"]);
     let release: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
@@ -176,11 +161,7 @@ async fn policy_apply_changes_what_a_gate_needs() {
     // Re-evaluated at once: one passing check is no longer enough.
     assert_eq!(seed::gate_status(&db.pool, r, "G1").await, "in_progress");
 
-    std::fs::write(
-        &file,
-        "[[policy]]\ngate = \"G5\"\nenvironment = \"production\"\n",
-    )
-    .unwrap();
+    std::fs::write(&file, "[[policy]]\ngate = \"G5\"\nenvironment = \"production\"\n").unwrap();
     let output = opsgate(&db, &["policy", "apply", "--file", file.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);

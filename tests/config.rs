@@ -37,10 +37,7 @@ fn an_environment_variable_overrides_a_file_value() {
         &config_dir(),
         &env(&[
             ("OPSGATE__DATABASE__MAX_CONNECTIONS", "42"),
-            (
-                "OPSGATE__DATABASE__URL",
-                "postgres://app:pw@db.internal:6543/ops",
-            ),
+            ("OPSGATE__DATABASE__URL", "postgres://app:pw@db.internal:6543/ops"),
         ]),
     )
     .unwrap();
@@ -75,10 +72,7 @@ fn conventional_urls_are_honoured_below_opsgate_variables() {
         ]),
     )
     .unwrap();
-    assert_eq!(
-        settings.database.url.expose(),
-        "postgres://explicit@db:5432/ops"
-    );
+    assert_eq!(settings.database.url.expose(), "postgres://explicit@db:5432/ops");
 }
 
 #[test]
@@ -104,9 +98,7 @@ fn a_bad_value_names_the_key() {
         &env(&[("OPSGATE__DATABASE__MAX_CONNECTIONS", "0")]),
     )
     .unwrap_err();
-    assert!(
-        matches!(error, ConfigError::Invalid { ref key, .. } if key == "database.max_connections")
-    );
+    assert!(matches!(error, ConfigError::Invalid { ref key, .. } if key == "database.max_connections"));
 
     let error = config::load_from(
         &config_dir(),
@@ -115,10 +107,7 @@ fn a_bad_value_names_the_key() {
     .unwrap_err();
     let message = error.to_string();
     assert!(message.contains("amqp.url"), "{message}");
-    assert!(
-        !message.contains("secret"),
-        "the password leaked: {message}"
-    );
+    assert!(!message.contains("secret"), "the password leaked: {message}");
 
     let error = config::load_from(&config_dir(), &env(&[("ODOO_STAGE", "prod")])).unwrap_err();
     assert!(error.to_string().contains("ODOO_STAGE"), "{error}");
@@ -126,11 +115,8 @@ fn a_bad_value_names_the_key() {
 
 #[test]
 fn the_retry_schedule_can_be_overridden_as_a_list() {
-    let settings = config::load_from(
-        &config_dir(),
-        &env(&[("OPSGATE__RETRY__SCHEDULE_SECS", "1,2,3")]),
-    )
-    .unwrap();
+    let settings =
+        config::load_from(&config_dir(), &env(&[("OPSGATE__RETRY__SCHEDULE_SECS", "1,2,3")])).unwrap();
     assert_eq!(settings.retry.schedule_secs, vec![1, 2, 3]);
     let default = config::load_from(&config_dir(), &env(&[])).unwrap();
     assert_eq!(default.retry.schedule_secs, vec![1, 5, 30, 120, 600]);

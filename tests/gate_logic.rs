@@ -79,15 +79,7 @@ async fn g3_bypassed_by_an_active_exception_is_eligible_and_not_once_it_expired(
 
     let now = Utc::now();
     let expires = now + Duration::hours(1);
-    let exception = seed::exception(
-        &db.pool,
-        r,
-        &["G3"],
-        "rm-1",
-        now - Duration::hours(1),
-        expires,
-    )
-    .await;
+    let exception = seed::exception(&db.pool, r, &["G3"], "rm-1", now - Duration::hours(1), expires).await;
     assert_eq!(seed::gate_status(&db.pool, r, "G3").await, "bypassed");
     let bypass: Option<Uuid> = sqlx::query_scalar(
         "SELECT exception_id FROM ops.release_gates WHERE release_id = $1 AND gate_code = 'G3'",
@@ -144,11 +136,7 @@ async fn derived(db: &TestDb, r: Uuid) -> Vec<(String, String, serde_json::Value
     .unwrap()
 }
 
-async fn converges(
-    facts: &[Fact],
-    orders: usize,
-    seed: u64,
-) -> Vec<(String, String, serde_json::Value)> {
+async fn converges(facts: &[Fact], orders: usize, seed: u64) -> Vec<(String, String, serde_json::Value)> {
     let db = TestDb::new().await;
     let reference = release(&db).await;
     for fact in facts {
@@ -237,36 +225,16 @@ async fn g3_approved_by_the_initiator_does_not_pass() {
     let r = release(&db).await; // initiated by dev-1
     seed::pass_g1_g2(&db.pool, r).await;
     seed::evidence(&db.pool, r, "rollback_plan").await;
-    seed::approval(
-        &db.pool,
-        r,
-        "G3",
-        "dev-1",
-        "release_manager",
-        "approved",
-        at(3),
-    )
-    .await;
+    seed::approval(&db.pool, r, "G3", "dev-1", "release_manager", "approved", at(3)).await;
     assert_ne!(seed::gate_status(&db.pool, r, "G3").await, "passed");
     let why = g3_explanation(&db, r).await;
     assert!(
-        why.contains(
-            "approval by dev-1 ignored: they initiated the release (separation of duties)"
-        ),
+        why.contains("approval by dev-1 ignored: they initiated the release (separation of duties)"),
         "{why}"
     );
 
     // Another release manager's approval passes it.
-    seed::approval(
-        &db.pool,
-        r,
-        "G3",
-        "rm-9",
-        "release_manager",
-        "approved",
-        at(4),
-    )
-    .await;
+    seed::approval(&db.pool, r, "G3", "rm-9", "release_manager", "approved", at(4)).await;
     assert_eq!(seed::gate_status(&db.pool, r, "G3").await, "passed");
 }
 
@@ -276,22 +244,11 @@ async fn g3_approved_by_the_g2_approver_does_not_pass() {
     let r = release(&db).await;
     seed::pass_g1_g2(&db.pool, r).await; // G2 approved by qa-1
     seed::evidence(&db.pool, r, "rollback_plan").await;
-    seed::approval(
-        &db.pool,
-        r,
-        "G3",
-        "qa-1",
-        "release_manager",
-        "approved",
-        at(3),
-    )
-    .await;
+    seed::approval(&db.pool, r, "G3", "qa-1", "release_manager", "approved", at(3)).await;
     assert_ne!(seed::gate_status(&db.pool, r, "G3").await, "passed");
     let why = g3_explanation(&db, r).await;
     assert!(
-        why.contains(
-            "approval by qa-1 ignored: they approved a required gate (separation of duties)"
-        ),
+        why.contains("approval by qa-1 ignored: they approved a required gate (separation of duties)"),
         "{why}"
     );
     let blockers = seed::blockers(&db.pool, r, "production").await.join("\n");
@@ -313,22 +270,22 @@ async fn a_direct_update_passing_production_g3_without_facts_raises() {
     .await;
     assert_eq!(sqlstate(update), CHECK_VIOLATION);
 
-    let bypass = sqlx::query("UPDATE ops.release_gates SET status = 'bypassed' WHERE release_id = $1 AND gate_code = 'G3'")
-        .bind(r)
-        .execute(&db.pool)
-        .await;
+    let bypass = sqlx::query(
+        "UPDATE ops.release_gates SET status = 'bypassed' WHERE release_id = $1 AND gate_code = 'G3'",
+    )
+    .bind(r)
+    .execute(&db.pool)
+    .await;
     assert_eq!(sqlstate(bypass), CHECK_VIOLATION);
     assert_eq!(seed::gate_status(&db.pool, r, "G3").await, "pending");
 
     // With its facts present, the same update is consistent and allowed.
     seed::pass_g3(&db.pool, r).await;
-    sqlx::query(
-        "UPDATE ops.release_gates SET status = 'passed' WHERE release_id = $1 AND gate_code = 'G3'",
-    )
-    .bind(r)
-    .execute(&db.pool)
-    .await
-    .expect("passing with approvals and evidence");
+    sqlx::query("UPDATE ops.release_gates SET status = 'passed' WHERE release_id = $1 AND gate_code = 'G3'")
+        .bind(r)
+        .execute(&db.pool)
+        .await
+        .expect("passing with approvals and evidence");
 }
 
 // --- Sweeps with a controlled clock -----------------------------------------
@@ -356,30 +313,16 @@ async fn the_exception_sweep_expires_past_expiry_only_and_only_once() {
     seed::pass_g1_g2(&db.pool, r).await;
     let now = seed::now();
     let expires = now + Duration::hours(2);
-    let exception = seed::exception(
-        &db.pool,
-        r,
-        &["G3"],
-        "rm-1",
-        now - Duration::hours(1),
-        expires,
-    )
-    .await;
+    let exception = seed::exception(&db.pool, r, &["G3"], "rm-1", now - Duration::hours(1), expires).await;
     assert_eq!(seed::gate_status(&db.pool, r, "G3").await, "bypassed");
 
     // One second before expiry: untouched.
-    assert_eq!(
-        sweep_exceptions(&db, expires - Duration::seconds(1)).await,
-        0
-    );
+    assert_eq!(sweep_exceptions(&db, expires - Duration::seconds(1)).await, 0);
     assert_eq!(seed::gate_status(&db.pool, r, "G3").await, "bypassed");
     assert_eq!(event_count(&db, "exception_expired").await, 0);
 
     // One second past: expired, bypass revoked, one event.
-    assert_eq!(
-        sweep_exceptions(&db, expires + Duration::seconds(1)).await,
-        1
-    );
+    assert_eq!(sweep_exceptions(&db, expires + Duration::seconds(1)).await, 1);
     let expired_at: Option<seed::Ts> =
         sqlx::query_scalar("SELECT expired_at FROM ops.exceptions WHERE exception_id = $1")
             .bind(exception)
@@ -391,10 +334,7 @@ async fn the_exception_sweep_expires_past_expiry_only_and_only_once() {
     assert_eq!(event_count(&db, "exception_expired").await, 1);
 
     // A second run changes nothing.
-    assert_eq!(
-        sweep_exceptions(&db, expires + Duration::seconds(5)).await,
-        0
-    );
+    assert_eq!(sweep_exceptions(&db, expires + Duration::seconds(5)).await, 0);
     assert_eq!(event_count(&db, "exception_expired").await, 1);
 }
 
@@ -435,15 +375,7 @@ async fn the_g4_sweep_flags_deployments_past_their_sla_only() {
         deployed + Duration::minutes(10),
     )
     .await;
-    let confirmed_dep = seed::deployment(
-        &db.pool,
-        confirmed,
-        "production",
-        "succeeded",
-        SHA,
-        deployed,
-    )
-    .await;
+    let confirmed_dep = seed::deployment(&db.pool, confirmed, "production", "succeeded", SHA, deployed).await;
     seed::health_check(
         &db.pool,
         confirmed,

@@ -25,18 +25,11 @@ const TABLES: [&str; 12] = [
 #[tokio::test]
 async fn migrations_create_every_table_on_an_empty_database_and_rerun_as_a_no_op() {
     let settings = fresh_database_settings();
-    let first = opsgate::database::migrate(&settings)
-        .await
-        .expect("first run");
+    let first = opsgate::database::migrate(&settings).await.expect("first run");
     assert!(first.created_database);
-    assert_eq!(
-        first.applied.len(),
-        opsgate::database::MIGRATOR.iter().count()
-    );
+    assert_eq!(first.applied.len(), opsgate::database::MIGRATOR.iter().count());
 
-    let second = opsgate::database::migrate(&settings)
-        .await
-        .expect("second run");
+    let second = opsgate::database::migrate(&settings).await.expect("second run");
     assert!(!second.created_database);
     assert!(
         second.applied.is_empty(),
@@ -246,19 +239,17 @@ async fn gate_name_is_derived_from_gate_code() {
     let db = TestDb::new().await;
     let release_id = seed::release(&db.pool, "dev-1").await;
     let gate_id = seed::gate(&db.pool, release_id, "G3").await;
-    let name: String =
-        sqlx::query_scalar("SELECT gate_name FROM ops.release_gates WHERE gate_id = $1")
-            .bind(gate_id)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    let name: String = sqlx::query_scalar("SELECT gate_name FROM ops.release_gates WHERE gate_id = $1")
+        .bind(gate_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(name, "Promotion Readiness");
 
-    let free_text =
-        sqlx::query("UPDATE ops.release_gates SET gate_name = 'Whatever' WHERE gate_id = $1")
-            .bind(gate_id)
-            .execute(&db.pool)
-            .await;
+    let free_text = sqlx::query("UPDATE ops.release_gates SET gate_name = 'Whatever' WHERE gate_id = $1")
+        .bind(gate_id)
+        .execute(&db.pool)
+        .await;
     assert!(free_text.is_err(), "gate_name must not be writable");
 }
 
@@ -282,9 +273,7 @@ async fn sha256_columns_hold_64_hex_characters_or_null() {
             "{bad}"
         );
     }
-    insert(Some("ab".repeat(32)))
-        .await
-        .expect("64 hex characters");
+    insert(Some("ab".repeat(32))).await.expect("64 hex characters");
     insert(None).await.expect("NULL");
 
     let bad_ledger_hash = sqlx::query(

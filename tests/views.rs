@@ -159,8 +159,7 @@ async fn scenario(pool: &PgPool) -> Scenario {
     seed::check(pool, a, "G1", "lint", "skipped", at(1)).await;
     gate_evidence(pool, a, "G1", "build_log").await;
     seed::pass_g3(pool, a).await;
-    let a_staging_failed =
-        seed::deployment(pool, a, "staging", "failed", "sha-a", t0 - h(3) - m(30)).await;
+    let a_staging_failed = seed::deployment(pool, a, "staging", "failed", "sha-a", t0 - h(3) - m(30)).await;
     let a_staging = seed::deployment(pool, a, "staging", "succeeded", "sha-a", t0 - h(3)).await;
     let a_prod = seed::deployment(pool, a, "production", "succeeded", "sha-a", t0 - h(2)).await;
     seed::health_check(pool, a, a_prod, "pass", t0 - h(2) + m(10)).await;
@@ -178,13 +177,11 @@ async fn scenario(pool: &PgPool) -> Scenario {
     let c_expired = seed::exception(pool, c, &["G3"], "rm-2", t0 - h(3), t0 - h(2)).await;
     let c_active = seed::exception(pool, c, &["G3"], "rm-2", t0 - h(1), t0 + h(1)).await;
     let c_scheduled = seed::exception(pool, c, &["G4"], "rm-3", t0 + h(2), t0 + h(3)).await;
-    sqlx::query(
-        "UPDATE ops.exceptions SET post_review_status = 'complete' WHERE exception_id = $1",
-    )
-    .bind(c_expired)
-    .execute(pool)
-    .await
-    .unwrap();
+    sqlx::query("UPDATE ops.exceptions SET post_review_status = 'complete' WHERE exception_id = $1")
+        .bind(c_expired)
+        .execute(pool)
+        .await
+        .unwrap();
 
     Scenario {
         t0,
@@ -331,10 +328,7 @@ async fn release_gate_summary_counts_latest_checks_approvals_and_gate_evidence()
     .unwrap();
     assert_eq!(explanation["status"], "bypassed");
     assert_eq!(explanation["own_status"], "pending");
-    assert_eq!(
-        explanation["exception"]["exception_id"],
-        s.c_active.to_string()
-    );
+    assert_eq!(explanation["exception"]["exception_id"], s.c_active.to_string());
 }
 
 // --- v_promotion_eligibility ------------------------------------------------
@@ -403,13 +397,7 @@ async fn promotion_eligibility_lists_every_blocker_per_target() {
                 "no succeeded staging deployment of sha-b (linear promotion)",
             ],
         ),
-        eligibility(
-            "v1.1",
-            "sha-b",
-            "failed",
-            "staging",
-            &[g1_failed, g2_failed],
-        ),
+        eligibility("v1.1", "sha-b", "failed", "staging", &[g1_failed, g2_failed]),
         eligibility(
             "v1.2",
             "sha-c",
@@ -444,10 +432,7 @@ async fn promotion_eligibility_lists_every_blocker_per_target() {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-        assert_eq!(
-            from_view,
-            seed::eligible(&db.pool, release, env, None).await
-        );
+        assert_eq!(from_view, seed::eligible(&db.pool, release, env, None).await);
     }
 }
 
@@ -560,10 +545,7 @@ async fn exception_rows(pool: &PgPool) -> Vec<ExceptionStatus> {
 
 /// The rows with time_to_expiry checked to be `expected` (a little less, as
 /// the view measures from the database's now(), read after t0) and removed.
-fn without_time_to_expiry(
-    rows: Vec<ExceptionStatus>,
-    expected: &[Option<i64>],
-) -> Vec<ExceptionStatus> {
+fn without_time_to_expiry(rows: Vec<ExceptionStatus>, expected: &[Option<i64>]) -> Vec<ExceptionStatus> {
     assert_eq!(rows.len(), expected.len(), "{rows:?}");
     rows.into_iter()
         .zip(expected)
@@ -593,21 +575,20 @@ async fn exception_status_shows_expired_active_and_scheduled_exceptions() {
     let db = TestDb::new().await;
     let s = scenario(&db.pool).await;
     let h = Duration::hours;
-    let row =
-        |id, gates: &[&str], approver: &str, from, to, review: &str, state: &str| ExceptionStatus {
-            exception_id: id,
-            release_name: "v1.2".into(),
-            exception_type: "gate_bypass".into(),
-            impacted_gates: gates.iter().map(|g| g.to_string()).collect(),
-            approver_id: approver.into(),
-            effective_from: from,
-            expires_at: to,
-            expired_at: None,
-            post_review_status: review.into(),
-            state: state.into(),
-            pending_review: review == "pending",
-            time_to_expiry_us: None,
-        };
+    let row = |id, gates: &[&str], approver: &str, from, to, review: &str, state: &str| ExceptionStatus {
+        exception_id: id,
+        release_name: "v1.2".into(),
+        exception_type: "gate_bypass".into(),
+        impacted_gates: gates.iter().map(|g| g.to_string()).collect(),
+        approver_id: approver.into(),
+        effective_from: from,
+        expires_at: to,
+        expired_at: None,
+        post_review_status: review.into(),
+        state: state.into(),
+        pending_review: review == "pending",
+        time_to_expiry_us: None,
+    };
     let t0 = s.t0;
     let mut expected = vec![
         row(

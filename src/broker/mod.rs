@@ -3,6 +3,7 @@
 //! publisher that only reports success once the broker has confirmed.
 
 mod connection;
+pub mod consumer;
 mod publisher;
 mod topology;
 
@@ -13,6 +14,13 @@ pub use publisher::{PublishError, Publisher};
 pub use topology::Topology;
 
 use crate::config::AmqpSettings;
+
+/// Runs a broker call whose result no longer matters (closing a channel or a
+/// connection that may already be dead) for at most two seconds, so a dead
+/// socket can never hang shutdown or reconnection.
+pub(crate) async fn quietly<F: std::future::Future>(call: F) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), call).await;
+}
 
 /// Failures of connecting to RabbitMQ or managing the topology; each names
 /// the address or the exchange/queue involved.
@@ -47,9 +55,7 @@ pub enum BrokerError {
         #[source]
         source: lapin::Error,
     },
-    #[error(
-        "cannot bind queue {queue:?} to exchange {exchange:?} with key {routing_key:?}: {source}"
-    )]
+    #[error("cannot bind queue {queue:?} to exchange {exchange:?} with key {routing_key:?}: {source}")]
     Bind {
         queue: String,
         exchange: String,
@@ -70,10 +76,7 @@ pub enum BrokerError {
 
 /// Declares the topology for `settings` once and disconnects: run at deploy
 /// or start so producers never publish into a missing exchange.
-pub async fn setup(
-    settings: &AmqpSettings,
-    retry_delays: Vec<Duration>,
-) -> Result<Topology, BrokerError> {
+pub async fn setup(settings: &AmqpSettings, retry_delays: Vec<Duration>) -> Result<Topology, BrokerError> {
     const NAME: &str = "opsgate-setup";
     let topology = Topology::new(&settings.namespace, retry_delays, settings.delivery_limit);
     let connection = connect(settings, NAME).await?;

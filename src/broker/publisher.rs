@@ -13,13 +13,8 @@ use super::topology::{NameTooLong, short};
 /// the exchange and routing key.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error(
-        "RabbitMQ refused (nacked) the message to exchange {exchange:?}, routing key {routing_key:?}"
-    )]
-    Nacked {
-        exchange: String,
-        routing_key: String,
-    },
+    #[error("RabbitMQ refused (nacked) the message to exchange {exchange:?}, routing key {routing_key:?}")]
+    Nacked { exchange: String, routing_key: String },
     #[error(
         "no queue is bound for exchange {exchange:?}, routing key {routing_key:?}; RabbitMQ returned \
          the message: {reply_code} {reply_text}"
@@ -46,9 +41,7 @@ pub enum PublishError {
         #[source]
         source: lapin::Error,
     },
-    #[error(
-        "cannot publish to {name:?}: the name is {len} bytes long; RabbitMQ allows at most 255"
-    )]
+    #[error("cannot publish to {name:?}: the name is {len} bytes long; RabbitMQ allows at most 255")]
     NameTooLong { name: String, len: usize },
 }
 
@@ -67,10 +60,7 @@ pub struct Publisher {
 
 impl Publisher {
     /// Opens a channel on `connection` and puts it in confirm mode.
-    pub async fn new(
-        connection: &Connection,
-        confirm_timeout: Duration,
-    ) -> Result<Publisher, BrokerError> {
+    pub async fn new(connection: &Connection, confirm_timeout: Duration) -> Result<Publisher, BrokerError> {
         let channel = connection
             .create_channel()
             .await

@@ -10,8 +10,7 @@
 use std::time::Duration;
 
 use lapin::options::{
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
@@ -50,11 +49,7 @@ impl Topology {
     /// (the longest wait); with no tiers at all this is the dead queue, so a
     /// message sent there through the default exchange is kept, not dropped.
     pub fn retry_queue(&self, tier: usize) -> String {
-        match self
-            .retry_delays
-            .get(tier)
-            .or_else(|| self.retry_delays.last())
-        {
+        match self.retry_delays.get(tier).or_else(|| self.retry_delays.last()) {
             Some(delay) => self.retry_queue_name(*delay),
             None => self.dead_queue.clone(),
         }
@@ -266,11 +261,7 @@ mod tests {
         assert_eq!(topology.ingest_queue, "ops.events.ingest");
         assert_eq!(topology.dead_letter_exchange, "ops.events.dlx");
         assert_eq!(topology.dead_queue, "ops.events.dead");
-        let names: Vec<String> = topology
-            .retry_queues()
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
+        let names: Vec<String> = topology.retry_queues().into_iter().map(|(n, _)| n).collect();
         assert_eq!(
             names,
             [

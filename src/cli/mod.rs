@@ -9,6 +9,7 @@ use crate::config::{self, Settings};
 
 mod migrate;
 mod policy;
+mod publish;
 mod release;
 mod setup;
 mod sweep;
@@ -21,12 +22,7 @@ mod sweep;
 )]
 pub struct Cli {
     /// Directory holding default.toml and <stage>.toml.
-    #[arg(
-        long,
-        global = true,
-        env = "OPSGATE_CONFIG_DIR",
-        default_value = "config"
-    )]
+    #[arg(long, global = true, env = "OPSGATE_CONFIG_DIR", default_value = "config")]
     pub config_dir: PathBuf,
 
     #[command(subcommand)]
@@ -35,6 +31,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Consume envelopes from RabbitMQ and record them (until SIGTERM or Ctrl-C).
+    Worker,
+    /// Publish an event envelope for the worker (exit 0 accepted/duplicate, 2 rejected, 3 undelivered).
+    Publish(publish::PublishArgs),
     /// Create the database when missing and apply pending migrations.
     Migrate,
     /// Declare the RabbitMQ topology (exchanges, queues, retry tiers, dead letters).
@@ -55,6 +55,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = config::load(&cli.config_dir)?;
     crate::telemetry::init(&settings.log);
     match cli.command {
+        Command::Worker => {
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let on_signal = cancel.clone();
+            tokio::spawn(async move {
+                crate::shutdown::signal().await;
+                on_signal.cancel();
+            });
+            crate::worker::run(&settings, cancel).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Publish(args) => publish::run(&settings, args).await,
         Command::Migrate => migrate::run(&settings).await,
         Command::Setup => setup::run(&settings).await,
         Command::Release(command) => release::run(&settings, command).await,

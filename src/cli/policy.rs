@@ -21,18 +21,12 @@ pub struct ApplyArgs {
     file: Option<PathBuf>,
 }
 
-pub async fn run(
-    settings: &Settings,
-    config_dir: &Path,
-    command: PolicyCommand,
-) -> anyhow::Result<ExitCode> {
+pub async fn run(settings: &Settings, config_dir: &Path, command: PolicyCommand) -> anyhow::Result<ExitCode> {
     let pool = database::connect(&settings.database).await?;
     match command {
         PolicyCommand::Show => super::print_json(&policy::current(&pool).await?)?,
         PolicyCommand::Apply(args) => {
-            let path = args
-                .file
-                .unwrap_or_else(|| config_dir.join("gate_policies.toml"));
+            let path = args.file.unwrap_or_else(|| config_dir.join("gate_policies.toml"));
             let policies = policy::read_file(&path)?;
             let changed = policy::apply(&pool, &policies).await?;
             if changed.is_empty() {

@@ -54,15 +54,8 @@ pub async fn run(settings: &Settings, command: ReleaseCommand) -> anyhow::Result
                     release.status
                 );
                 for gate in &release.gates {
-                    println!(
-                        "  {} {:<38} {}",
-                        gate.gate_code, gate.gate_name, gate.status
-                    );
-                    for requirement in gate.explanation["requirements"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                    {
+                    println!("  {} {:<38} {}", gate.gate_code, gate.gate_name, gate.status);
+                    for requirement in gate.explanation["requirements"].as_array().into_iter().flatten() {
                         let met = requirement["met"].as_bool().unwrap_or(false);
                         println!(
                             "      [{}] {}",
@@ -70,9 +63,7 @@ pub async fn run(settings: &Settings, command: ReleaseCommand) -> anyhow::Result
                             requirement["detail"].as_str().unwrap_or_default()
                         );
                     }
-                    if let Some(exception) =
-                        gate.explanation.get("exception").filter(|e| !e.is_null())
-                    {
+                    if let Some(exception) = gate.explanation.get("exception").filter(|e| !e.is_null()) {
                         println!(
                             "      bypassed by exception {} (approved by {}, expires {})",
                             exception["exception_id"].as_str().unwrap_or_default(),
@@ -92,10 +83,7 @@ pub async fn run(settings: &Settings, command: ReleaseCommand) -> anyhow::Result
             } else if answer.eligible {
                 println!("{} is eligible for {}", args.release, answer.target_env);
             } else {
-                println!(
-                    "{} is NOT eligible for {}:",
-                    args.release, answer.target_env
-                );
+                println!("{} is NOT eligible for {}:", args.release, answer.target_env);
                 for blocker in &answer.blockers {
                     println!("  - {blocker}");
                 }

@@ -66,9 +66,7 @@ impl Drop for TestDb {
         let name = self.name();
         // Drop is synchronous; a helper thread with its own runtime does the async work.
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
             if let Ok(runtime) = runtime {
                 runtime.block_on(drop_database(&name));
             }
@@ -118,10 +116,7 @@ async fn drop_stale_databases() {
 /// The SQLSTATE of a database error, or panics with the unexpected result.
 pub fn sqlstate<T: std::fmt::Debug>(result: Result<T, sqlx::Error>) -> String {
     match result {
-        Err(sqlx::Error::Database(error)) => error
-            .code()
-            .map(|code| code.into_owned())
-            .unwrap_or_default(),
+        Err(sqlx::Error::Database(error)) => error.code().map(|code| code.into_owned()).unwrap_or_default(),
         other => panic!("expected a database error, got {other:?}"),
     }
 }
@@ -133,3 +128,4 @@ pub const FOREIGN_KEY_VIOLATION: &str = "23503";
 pub const RESTRICT_VIOLATION: &str = "23001";
 pub const INVALID_TEXT_REPRESENTATION: &str = "22P02";
 pub mod seed;
+pub mod worker;

@@ -40,12 +40,14 @@ pub async fn gate(pool: &PgPool, release_id: Uuid, code: &str) -> Uuid {
     .execute(pool)
     .await
     .expect("insert gate");
-    sqlx::query_scalar("SELECT gate_id FROM ops.release_gates WHERE release_id = $1 AND gate_code = $2::ops.ops_gate_code")
-        .bind(release_id)
-        .bind(code)
-        .fetch_one(pool)
-        .await
-        .expect("select gate")
+    sqlx::query_scalar(
+        "SELECT gate_id FROM ops.release_gates WHERE release_id = $1 AND gate_code = $2::ops.ops_gate_code",
+    )
+    .bind(release_id)
+    .bind(code)
+    .fetch_one(pool)
+    .await
+    .expect("select gate")
 }
 
 pub type Ts = chrono::DateTime<chrono::Utc>;
@@ -239,16 +241,7 @@ pub async fn blockers(pool: &PgPool, release_id: Uuid, env: &str) -> Vec<String>
 /// G1 and G2 passed: a passing build check, a QA approval and test evidence.
 pub async fn pass_g1_g2(pool: &PgPool, release_id: Uuid) {
     check(pool, release_id, "G1", "unit_tests", "pass", at(1)).await;
-    approval(
-        pool,
-        release_id,
-        "G2",
-        "qa-1",
-        "qa_tester",
-        "approved",
-        at(2),
-    )
-    .await;
+    approval(pool, release_id, "G2", "qa-1", "qa_tester", "approved", at(2)).await;
     evidence(pool, release_id, "test_result").await;
 }
 

@@ -1,0 +1,393 @@
+//! The consume loop: a bounded number of messages in flight (a semaphore and
+//! a JoinSet), each processed against PostgreSQL, answered when it asks for a
+//! reply, then retried, dead-lettered or acked. A retry or dead letter is
+//! published with a confirm before the original is acked, so nothing is lost
+//! between the two.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection};
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{BrokerError, Publisher, Topology};
+use crate::ingest::{self, IngestOptions, Next, Outcome};
+
+/// Our header with the attempt number of a message (1 when absent).
+pub const ATTEMPT_HEADER: &str = "x-opsgate-attempt";
+/// Headers of a dead letter, for the SREs who read the dead-letter queue.
+pub const DEAD_CODE_HEADER: &str = "x-opsgate-code";
+pub const DEAD_STATUS_HEADER: &str = "x-opsgate-status";
+pub const DEAD_ERROR_HEADER: &str = "x-opsgate-error";
+pub const DEAD_FAILED_AT_HEADER: &str = "x-opsgate-failed-at";
+
+/// An ack that takes longer is on a dead channel.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything a message needs to be processed, shared by every task.
+#[derive(Debug, Clone)]
+pub struct ConsumerContext {
+    pub pool: PgPool,
+    pub topology: Topology,
+    pub ingest: IngestOptions,
+    pub prefetch: u16,
+    pub max_in_flight: usize,
+    pub confirm_timeout: Duration,
+    /// Each retry delay is shortened by up to this fraction at random.
+    pub jitter: f64,
+    /// Upper bound of the wait between attempts while PostgreSQL is down.
+    pub database_retry_max: Duration,
+    /// How long in-flight messages may take once shutdown is asked for.
+    pub shutdown_timeout: Duration,
+    pub consumer_tag: String,
+}
+
+/// How a consume session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// Shutdown was asked for; in-flight messages are done (or timed out).
+    Cancelled,
+    /// The channel or connection failed; reconnect.
+    Lost(String),
+}
+
+/// Consumes the ingest queue on `connection` until it fails or `cancel` fires.
+pub async fn consume(
+    connection: &Connection,
+    context: Arc<ConsumerContext>,
+    cancel: &CancellationToken,
+) -> Result<SessionEnd, BrokerError> {
+    let channel_error = |source| BrokerError::Channel {
+        name: context.topology.ingest_queue.clone(),
+        source,
+    };
+    let channel = connection.create_channel().await.map_err(channel_error)?;
+    channel
+        .basic_qos(context.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(channel_error)?;
+    let publisher = Publisher::new(connection, context.confirm_timeout).await?;
+    let mut consumer = channel
+        .basic_consume(
+            context.topology.ingest_queue.as_str().into(),
+            context.consumer_tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(channel_error)?;
+    tracing::info!(queue = %context.topology.ingest_queue, prefetch = context.prefetch,
+        max_in_flight = context.max_in_flight, "consuming");
+
+    let slots = Arc::new(Semaphore::new(context.max_in_flight));
+    let mut tasks = JoinSet::new();
+    let end = loop {
+        while let Some(finished) = tasks.try_join_next() {
+            report_panic(finished);
+        }
+        let permit = tokio::select! {
+            () = cancel.cancelled() => break SessionEnd::Cancelled,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break SessionEnd::Cancelled,
+            },
+        };
+        let next = tokio::select! {
+            () = cancel.cancelled() => break SessionEnd::Cancelled,
+            next = consumer.next() => next,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                let context = context.clone();
+                let publisher = publisher.clone();
+                let cancel = cancel.clone();
+                tasks.spawn(async move {
+                    handle(delivery, &context, &publisher, &cancel).await;
+                    drop(permit);
+                });
+            }
+            Some(Err(error)) => break SessionEnd::Lost(error.to_string()),
+            None => break SessionEnd::Lost("the consumer was cancelled by the broker".to_owned()),
+        }
+    };
+
+    // Stop the broker pushing more; what it already pushed and we did not
+    // start is requeued when the channel closes.
+    if matches!(end, SessionEnd::Cancelled) {
+        super::quietly(channel.basic_cancel(
+            context.consumer_tag.as_str().into(),
+            BasicCancelOptions::default(),
+        ))
+        .await;
+    }
+    let drained = tokio::time::timeout(context.shutdown_timeout, async {
+        while let Some(finished) = tasks.join_next().await {
+            report_panic(finished);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            unfinished = tasks.len(),
+            "in-flight messages did not finish in time; they stay unacked and will be redelivered"
+        );
+        tasks.abort_all();
+    }
+    super::quietly(publisher.channel().close(200, "worker stopping".into())).await;
+    super::quietly(channel.close(200, "worker stopping".into())).await;
+    Ok(end)
+}
+
+fn report_panic(finished: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = finished
+        && error.is_panic()
+    {
+        tracing::error!(%error, "a message task panicked; the message stays unacked and will be redelivered");
+    }
+}
+
+/// Processes one delivery to the end: outcome, reply, disposition.
+async fn handle(
+    delivery: lapin::message::Delivery,
+    context: &ConsumerContext,
+    publisher: &Publisher,
+    cancel: &CancellationToken,
+) {
+    let attempt = attempt_of(&delivery.properties);
+    let retries_left = usize::try_from(attempt).unwrap_or(usize::MAX) <= context.topology.retry_delays.len();
+
+    let mut wait = Duration::from_millis(100);
+    let outcome = loop {
+        match ingest::process(
+            &context.pool,
+            &delivery.data,
+            attempt,
+            retries_left,
+            &context.ingest,
+        )
+        .await
+        {
+            Ok(outcome) => break outcome,
+            Err(unavailable) => {
+                tracing::warn!(error = %unavailable, retry_in_ms = wait.as_millis() as u64,
+                    "holding the message until PostgreSQL answers");
+                tokio::select! {
+                    // Leave it unacked: it is redelivered once the channel closes.
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(context.database_retry_max);
+            }
+        }
+    };
+    tracing::info!(
+        status = ?outcome.status,
+        code = outcome.code,
+        key = outcome.idempotency_key.as_deref().unwrap_or(""),
+        attempt,
+        error = outcome.error.as_deref().unwrap_or(""),
+        "processed"
+    );
+
+    // A message on its way to a retry is not finished: the producer hears
+    // the final outcome only.
+    if outcome.next != Next::Retry {
+        reply(&delivery, &outcome, publisher).await;
+    }
+
+    let forwarded = match outcome.next {
+        Next::Ack => Ok(()),
+        Next::Retry => {
+            let tier = usize::try_from(attempt.saturating_sub(1)).unwrap_or(usize::MAX);
+            let queue = context.topology.retry_queue(tier);
+            let delay = context
+                .topology
+                .retry_delays
+                .get(tier)
+                .copied()
+                .unwrap_or_default();
+            let properties = with_headers(&delivery.properties, |headers| {
+                headers.insert(
+                    ATTEMPT_HEADER.into(),
+                    AMQPValue::LongLongInt(i64::from(attempt) + 1),
+                );
+            })
+            .with_expiration(jittered_ms(delay, context.jitter).to_string().into());
+            publisher
+                .publish("", &queue, &delivery.data, properties, true)
+                .await
+        }
+        Next::DeadLetter => {
+            let properties = with_headers(&delivery.properties, |headers| {
+                headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(i64::from(attempt)));
+                headers.insert(
+                    DEAD_CODE_HEADER.into(),
+                    AMQPValue::LongLongInt(i64::from(outcome.code)),
+                );
+                headers.insert(
+                    DEAD_STATUS_HEADER.into(),
+                    long_string(&format!("{:?}", outcome.status).to_lowercase()),
+                );
+                headers.insert(
+                    DEAD_ERROR_HEADER.into(),
+                    long_string(outcome.error.as_deref().unwrap_or("")),
+                );
+                headers.insert(
+                    DEAD_FAILED_AT_HEADER.into(),
+                    long_string(&Utc::now().to_rfc3339()),
+                );
+            });
+            let routing_key = delivery.routing_key.as_str();
+            publisher
+                .publish(
+                    &context.topology.dead_letter_exchange,
+                    routing_key,
+                    &delivery.data,
+                    properties,
+                    true,
+                )
+                .await
+        }
+    };
+    match forwarded {
+        Ok(()) => {
+            let acked =
+                tokio::time::timeout(ACK_TIMEOUT, delivery.acker.ack(BasicAckOptions::default())).await;
+            if !matches!(acked, Ok(Ok(_))) {
+                // The channel is gone; the broker redelivers, and the ledger
+                // turns the redelivery into a duplicate.
+                tracing::warn!(?acked, "failed to ack; the message will be redelivered");
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "failed to forward the message; returning it to the queue");
+            super::quietly(delivery.acker.reject(BasicRejectOptions { requeue: true })).await;
+        }
+    }
+}
+
+/// Sends the outcome to `reply_to` (works with direct reply-to). A producer
+/// that stopped listening is not our failure: log and go on.
+async fn reply(delivery: &lapin::message::Delivery, outcome: &Outcome, publisher: &Publisher) {
+    let Some(reply_to) = delivery.properties.reply_to() else {
+        return;
+    };
+    let body = match serde_json::to_vec(outcome) {
+        Ok(body) => body,
+        Err(error) => {
+            tracing::error!(%error, "failed to encode the reply");
+            return;
+        }
+    };
+    let mut properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(1);
+    if let Some(correlation_id) = delivery.properties.correlation_id() {
+        properties = properties.with_correlation_id(correlation_id.clone());
+    }
+    if let Err(error) = publisher
+        .publish("", reply_to.as_str(), &body, properties, false)
+        .await
+    {
+        tracing::warn!(%error, reply_to = %reply_to, "failed to send the reply");
+    }
+}
+
+/// The attempt number carried by our header; 1 for a first delivery.
+pub fn attempt_of(properties: &BasicProperties) -> u32 {
+    let value = properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(ATTEMPT_HEADER).cloned());
+    let attempt = match value {
+        Some(AMQPValue::LongLongInt(n)) => n,
+        Some(AMQPValue::LongInt(n)) => i64::from(n),
+        Some(AMQPValue::ShortInt(n)) => i64::from(n),
+        Some(AMQPValue::LongUInt(n)) => i64::from(n),
+        Some(AMQPValue::LongString(text)) => text.to_string().parse().unwrap_or(1),
+        _ => 1,
+    };
+    u32::try_from(attempt.max(1)).unwrap_or(u32::MAX)
+}
+
+/// The properties of a retried or dead-lettered copy: the producer's, with
+/// `edit`ed headers, minus `expiration` (the copy must not expire by the
+/// producer's TTL) and `user_id` (RabbitMQ checks it against our login).
+fn with_headers(properties: &BasicProperties, edit: impl FnOnce(&mut FieldTable)) -> BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    edit(&mut headers);
+    let mut copy = BasicProperties::default().with_headers(headers);
+    if let Some(value) = properties.content_type() {
+        copy = copy.with_content_type(value.clone());
+    }
+    if let Some(value) = properties.content_encoding() {
+        copy = copy.with_content_encoding(value.clone());
+    }
+    if let Some(value) = properties.delivery_mode() {
+        copy = copy.with_delivery_mode(*value);
+    }
+    if let Some(value) = properties.priority() {
+        copy = copy.with_priority(*value);
+    }
+    if let Some(value) = properties.correlation_id() {
+        copy = copy.with_correlation_id(value.clone());
+    }
+    if let Some(value) = properties.reply_to() {
+        copy = copy.with_reply_to(value.clone());
+    }
+    if let Some(value) = properties.message_id() {
+        copy = copy.with_message_id(value.clone());
+    }
+    if let Some(value) = properties.timestamp() {
+        copy = copy.with_timestamp(*value);
+    }
+    if let Some(value) = properties.kind() {
+        copy = copy.with_type(value.clone());
+    }
+    if let Some(value) = properties.app_id() {
+        copy = copy.with_app_id(value.clone());
+    }
+    copy
+}
+
+fn long_string(text: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(text.to_owned()))
+}
+
+/// `delay` shortened by up to `jitter` of itself, at random, in milliseconds.
+fn jittered_ms(delay: Duration, jitter: f64) -> u64 {
+    let millis = delay.as_millis() as f64;
+    let factor = 1.0 - jitter.clamp(0.0, 1.0) * rand::random::<f64>();
+    (millis * factor).round().max(1.0) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_attempt_header_defaults_to_one() {
+        assert_eq!(attempt_of(&BasicProperties::default()), 1);
+        let mut headers = FieldTable::default();
+        headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(3));
+        assert_eq!(attempt_of(&BasicProperties::default().with_headers(headers)), 3);
+    }
+
+    #[test]
+    fn jitter_only_shortens_within_bounds() {
+        for _ in 0..100 {
+            let ms = jittered_ms(Duration::from_secs(10), 0.2);
+            assert!((8_000..=10_000).contains(&ms), "{ms}");
+        }
+        assert_eq!(jittered_ms(Duration::from_secs(1), 0.0), 1_000);
+    }
+}

@@ -1,0 +1,178 @@
+//! `opsgate publish`: how CI and scripts hand an event to opsgate.
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chrono::Utc;
+use clap::Args;
+use futures_util::StreamExt;
+use lapin::BasicProperties;
+use lapin::options::BasicConsumeOptions;
+use lapin::types::FieldTable;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::broker::{self, PublishError, Publisher};
+use crate::config::Settings;
+use crate::envelope::{EventType, GateCode};
+use crate::publish::{EventSpec, build_envelope};
+
+/// Exit codes of `opsgate publish`.
+const REJECTED: u8 = 2;
+const UNDELIVERED: u8 = 3;
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Event type, e.g. build_complete (not needed with --envelope).
+    #[arg(long, required_unless_present = "envelope")]
+    event: Option<String>,
+    /// Release id; derived from project/release_name for release_created.
+    #[arg(long)]
+    release: Option<Uuid>,
+    /// Gate code G1..G4 when the event is gate-scoped.
+    #[arg(long)]
+    gate: Option<String>,
+    /// source_system of the envelope.
+    #[arg(long, env = "OPSGATE_SOURCE_SYSTEM", default_value = "manual")]
+    source: String,
+    /// Idempotency key; default <source>/<release>/<event>/<hash of payload>.
+    #[arg(long)]
+    key: Option<String>,
+    /// Payload: inline JSON, @file.json, or - for standard input.
+    #[arg(long, default_value = "{}")]
+    payload: String,
+    /// A whole envelope instead of the flags above: inline JSON, @file.json, or -.
+    #[arg(long, conflicts_with_all = ["event", "release", "gate", "key"])]
+    envelope: Option<String>,
+    /// Wait for the worker's reply and print it.
+    #[arg(long)]
+    wait: bool,
+    /// Seconds to wait for the reply with --wait.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+}
+
+fn read_json(argument: &str, what: &str) -> anyhow::Result<Value> {
+    let text = if argument == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        text
+    } else if let Some(path) = argument.strip_prefix('@') {
+        std::fs::read_to_string(path)
+            .map_err(|error| anyhow::anyhow!("cannot read {what} file {path}: {error}"))?
+    } else {
+        argument.to_owned()
+    };
+    serde_json::from_str(&text).map_err(|error| anyhow::anyhow!("{what} is not JSON: {error}"))
+}
+
+fn envelope_of(args: &PublishArgs) -> anyhow::Result<Value> {
+    if let Some(envelope) = &args.envelope {
+        return read_json(envelope, "envelope");
+    }
+    let event_type: EventType = args
+        .event
+        .as_deref()
+        .unwrap_or_default()
+        .parse()
+        .map_err(|error: String| anyhow::anyhow!("{error}"))?;
+    let gate_code = match args.gate.as_deref() {
+        None => None,
+        Some("G1") => Some(GateCode::G1),
+        Some("G2") => Some(GateCode::G2),
+        Some("G3") => Some(GateCode::G3),
+        Some("G4") => Some(GateCode::G4),
+        Some(other) => anyhow::bail!("--gate {other:?} is not one of G1, G2, G3, G4"),
+    };
+    let payload: Map<String, Value> = match read_json(&args.payload, "payload")? {
+        Value::Object(map) => map,
+        _ => anyhow::bail!("payload must be a JSON object"),
+    };
+    Ok(build_envelope(&EventSpec {
+        event_type,
+        source_system: args.source.clone(),
+        release_id: args.release,
+        gate_code,
+        idempotency_key: args.key.clone(),
+        payload,
+        emitted_at: Utc::now(),
+    })?)
+}
+
+pub async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let envelope = envelope_of(&args)?;
+    let routing_key = envelope["event_type"].as_str().unwrap_or("unknown").to_owned();
+    let body = serde_json::to_vec(&envelope)?;
+
+    let connection = broker::connect(&settings.amqp, "opsgate-publish").await?;
+    let publisher = Publisher::new(&connection, settings.amqp.confirm_timeout()).await?;
+    let mut properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id(Uuid::new_v4().to_string().into());
+    let mut replies = None;
+    if args.wait {
+        // Direct reply-to: consume the pseudo-queue on the publishing channel, no ack.
+        let consumer = publisher
+            .channel()
+            .basic_consume(
+                "amq.rabbitmq.reply-to".into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        replies = Some(consumer);
+        properties = properties
+            .with_reply_to("amq.rabbitmq.reply-to".into())
+            .with_correlation_id(Uuid::new_v4().to_string().into());
+    }
+
+    let published = publisher
+        .publish(&settings.amqp.namespace, &routing_key, &body, properties, true)
+        .await;
+    let key = envelope["idempotency_key"].as_str().unwrap_or_default();
+    match published {
+        Ok(()) => {}
+        Err(
+            error @ (PublishError::Unroutable { .. }
+            | PublishError::Timeout { .. }
+            | PublishError::Nacked { .. }),
+        ) => {
+            eprintln!("error: {error}");
+            return Ok(ExitCode::from(UNDELIVERED));
+        }
+        Err(error) => return Err(error.into()),
+    }
+    let Some(mut replies) = replies else {
+        println!("published {key}");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(args.timeout), replies.next()).await;
+    let code = match reply {
+        Ok(Some(Ok(delivery))) => {
+            let outcome: Value = serde_json::from_slice(&delivery.data).unwrap_or(Value::Null);
+            println!("{}", serde_json::to_string_pretty(&outcome)?);
+            match outcome["status"].as_str() {
+                Some("accepted" | "duplicate") => ExitCode::SUCCESS,
+                _ => ExitCode::from(REJECTED),
+            }
+        }
+        Ok(_) => {
+            eprintln!("error: the reply channel closed before the worker answered {key}");
+            ExitCode::from(UNDELIVERED)
+        }
+        Err(_) => {
+            eprintln!(
+                "error: no reply for {key} within {}s (is `opsgate worker` running?)",
+                args.timeout
+            );
+            ExitCode::from(UNDELIVERED)
+        }
+    };
+    let _ = connection.close(200, "published".into()).await;
+    Ok(code)
+}

@@ -1,0 +1,408 @@
+//! `deployment_event` (a deployment recorded, then advanced through its
+//! statuses; each event is also appended to `ops.environment_events`) and
+//! `health_check` (a G4 check of one deployment). A production deployment of
+//! a release that is not eligible for production is still recorded, and
+//! flagged as a policy violation.
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::build::{check_status, insert_check};
+use super::environment::{not_blank, not_blank_if_given, one_of};
+use super::{DbContext, HandlerError, existing_release, gate_id, gate_status, payload};
+use crate::envelope::{Envelope, GateCode};
+
+/// The environments a deployment can target.
+const DEPLOYMENT_ENVIRONMENTS: &[&str] = &["staging", "production"];
+
+/// The values of `ops.ops_deployment_status`.
+const DEPLOYMENT_STATUSES: &[&str] = &["in_progress", "succeeded", "failed", "rolled_back"];
+
+/// Payload of `deployment_event` (no gate; the release is the envelope's).
+#[derive(Debug, Deserialize)]
+pub struct DeploymentEvent {
+    /// The deployment's id, chosen by the producer so that later events
+    /// (completion, failure, rollback) advance the same deployment.
+    pub deployment_id: Uuid,
+    /// `staging` or `production`; a later event must name the same environment.
+    pub environment: String,
+    /// `in_progress`, `succeeded`, `failed` or `rolled_back`. A new deployment
+    /// starts at any of them; an existing one moves only in_progress ->
+    /// succeeded | failed and succeeded -> rolled_back (the same status again
+    /// changes nothing).
+    pub status: String,
+    /// Who or what deployed (user, agent or CI id); not blank.
+    pub deployed_by: String,
+    /// What was deployed (SHA, tag); default the release's source_ref. Only
+    /// the first event of a deployment sets it.
+    pub source_ref: Option<String>,
+    /// When the deployment happened; default the envelope's emitted_at. Only
+    /// the first event of a deployment sets it (the G4 SLA counts from it).
+    pub deployed_at: Option<DateTime<Utc>>,
+    /// When this deployment rolls another back: that deployment's id, an
+    /// existing deployment in the same environment.
+    pub rollback_of: Option<Uuid>,
+    /// Anything else about the deployment; default `{}`. Later events merge
+    /// their keys into it.
+    #[serde(default)]
+    pub metadata: Map<String, Value>,
+}
+
+/// Payload of `health_check` (gate G4; the envelope's gate_code may be omitted).
+#[derive(Debug, Deserialize)]
+pub struct HealthCheck {
+    /// The deployment observed; a deployment of the envelope's release.
+    pub deployment_id: Uuid,
+    /// `pass`, `fail`, `warning` or `skipped`.
+    pub status: String,
+    /// Name of the G4 check; default `health_check`.
+    #[serde(default = "default_health_check")]
+    pub check_name: String,
+    /// When the result was observed; default the envelope's emitted_at. Only
+    /// results observed within the G4 SLA of the deployment count.
+    pub observed_at: Option<DateTime<Utc>>,
+    /// URL or path of the supporting artifact (dashboard, probe log); optional.
+    pub artifact_ref: Option<String>,
+    /// Anything else about the check; default `{}`.
+    #[serde(default)]
+    pub metadata: Map<String, Value>,
+}
+
+fn default_health_check() -> String {
+    "health_check".to_owned()
+}
+
+/// Fails unless `deployment_id` is a deployment of `release_id`:
+/// UnknownReference when there is no such deployment, a 409 when it belongs
+/// to another release.
+pub(crate) async fn deployment_of_release(
+    conn: &mut PgConnection,
+    release_id: Uuid,
+    deployment_id: Uuid,
+) -> Result<(), HandlerError> {
+    let owner: Option<Uuid> =
+        sqlx::query_scalar("SELECT release_id FROM ops.deployments WHERE deployment_id = $1")
+            .bind(deployment_id)
+            .fetch_optional(conn)
+            .await
+            .db("look up the deployment")?;
+    match owner {
+        None => Err(HandlerError::UnknownReference {
+            kind: "deployment",
+            id: deployment_id,
+        }),
+        Some(owner) if owner != release_id => Err(HandlerError::conflict(format!(
+            "deployment {deployment_id} belongs to release {owner}, not to release {release_id}"
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Whether an existing deployment may move from `from` to `to`.
+fn transition_allowed(from: &str, to: &str) -> bool {
+    from == to
+        || matches!(
+            (from, to),
+            ("in_progress", "succeeded" | "failed") | ("succeeded", "rolled_back")
+        )
+}
+
+/// The deployment as stored.
+#[derive(sqlx::FromRow)]
+struct Deployment {
+    release_id: Uuid,
+    environment: String,
+    status: String,
+    deployed_by: String,
+    source_ref: String,
+    deployed_at: DateTime<Utc>,
+    rollback_of: Option<Uuid>,
+    g4_status: String,
+}
+
+async fn read_deployment(
+    conn: &mut PgConnection,
+    deployment_id: Uuid,
+    lock: bool,
+) -> Result<Option<Deployment>, HandlerError> {
+    let sql = if lock {
+        "SELECT release_id, environment::text AS environment, status::text AS status, deployed_by, source_ref,
+                deployed_at, rollback_of, g4_status::text AS g4_status
+         FROM ops.deployments WHERE deployment_id = $1 FOR UPDATE"
+    } else {
+        "SELECT release_id, environment::text AS environment, status::text AS status, deployed_by, source_ref,
+                deployed_at, rollback_of, g4_status::text AS g4_status
+         FROM ops.deployments WHERE deployment_id = $1"
+    };
+    sqlx::query_as(sql)
+        .bind(deployment_id)
+        .fetch_optional(conn)
+        .await
+        .db("read the deployment")
+}
+
+pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> Result<Value, HandlerError> {
+    let event: DeploymentEvent = payload(envelope)?;
+    one_of("environment", &event.environment, DEPLOYMENT_ENVIRONMENTS)?;
+    one_of("status", &event.status, DEPLOYMENT_STATUSES)?;
+    not_blank("deployed_by", &event.deployed_by)?;
+    not_blank_if_given("source_ref", event.source_ref.as_deref())?;
+    if event.rollback_of == Some(event.deployment_id) {
+        return Err(HandlerError::bad_request(format!(
+            "rollback_of {} is the deployment itself",
+            event.deployment_id
+        )));
+    }
+    existing_release(conn, envelope.release_id).await?;
+    let deployment_id = event.deployment_id;
+
+    if let Some(target) = event.rollback_of {
+        let target_environment: Option<String> =
+            sqlx::query_scalar("SELECT environment::text FROM ops.deployments WHERE deployment_id = $1")
+                .bind(target)
+                .fetch_optional(&mut *conn)
+                .await
+                .db("look up the rolled-back deployment")?;
+        match target_environment {
+            None => {
+                return Err(HandlerError::UnknownReference {
+                    kind: "deployment",
+                    id: target,
+                });
+            }
+            Some(environment) if environment != event.environment => {
+                return Err(HandlerError::conflict(format!(
+                    "rollback_of {target} is a {environment} deployment, but deployment {deployment_id} is in {}",
+                    event.environment
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+
+    let existing = read_deployment(conn, deployment_id, true).await?;
+    if let Some(current) = &existing {
+        if current.release_id != envelope.release_id {
+            return Err(HandlerError::conflict(format!(
+                "deployment {deployment_id} belongs to release {}, not to release {}",
+                current.release_id, envelope.release_id
+            )));
+        }
+        if current.environment != event.environment {
+            return Err(HandlerError::conflict(format!(
+                "deployment {deployment_id} is a {} deployment, not {}",
+                current.environment, event.environment
+            )));
+        }
+        if event.rollback_of.is_some() && event.rollback_of != current.rollback_of {
+            return Err(HandlerError::conflict(format!(
+                "deployment {deployment_id} was recorded with rollback_of {}, not {}",
+                current
+                    .rollback_of
+                    .map_or_else(|| "unset".to_owned(), |id| id.to_string()),
+                event.rollback_of.map_or_else(String::new, |id| id.to_string()),
+            )));
+        }
+        if !transition_allowed(&current.status, &event.status) {
+            return Err(HandlerError::conflict(format!(
+                "cannot move deployment {deployment_id} from {} to {}",
+                current.status, event.status
+            )));
+        }
+    }
+    let rollback_of = event
+        .rollback_of
+        .or_else(|| existing.as_ref().and_then(|current| current.rollback_of));
+
+    // Evaluated before the deployment is written, so its own facts do not
+    // change the answer.
+    let (eligible, blockers): (bool, Vec<String>) = if event.environment == "production"
+        && rollback_of.is_none()
+        && ["in_progress", "succeeded"].contains(&event.status.as_str())
+    {
+        sqlx::query_as(
+            "SELECT ops.is_eligible_for_promotion($1, 'production'),
+                    ARRAY(SELECT b FROM ops.promotion_blockers($1, 'production') AS b)",
+        )
+        .bind(envelope.release_id)
+        .fetch_one(&mut *conn)
+        .await
+        .db("evaluate production eligibility")?
+    } else {
+        (true, Vec::new())
+    };
+
+    let previous_status = existing.as_ref().map(|current| current.status.clone());
+    match &existing {
+        None => {
+            let source_ref = match &event.source_ref {
+                Some(source_ref) => source_ref.clone(),
+                None => sqlx::query_scalar("SELECT source_ref FROM ops.releases WHERE release_id = $1")
+                    .bind(envelope.release_id)
+                    .fetch_one(&mut *conn)
+                    .await
+                    .db("read the release's source_ref")?,
+            };
+            sqlx::query(
+                "INSERT INTO ops.deployments (deployment_id, release_id, environment, deployed_at, deployed_by,
+                                              source_ref, status, rollback_of, metadata, created_by)
+                 VALUES ($1, $2, $3::ops.ops_environment, $4, $5, $6, $7::ops.ops_deployment_status, $8, $9, $10)",
+            )
+            .bind(deployment_id)
+            .bind(envelope.release_id)
+            .bind(&event.environment)
+            .bind(event.deployed_at.unwrap_or(envelope.emitted_at))
+            .bind(&event.deployed_by)
+            .bind(&source_ref)
+            .bind(&event.status)
+            .bind(rollback_of)
+            .bind(Value::Object(event.metadata.clone()))
+            .bind(&envelope.source_system)
+            .execute(&mut *conn)
+            .await
+            .db("insert the deployment")?;
+        }
+        Some(current) if current.status != event.status => {
+            sqlx::query(
+                "UPDATE ops.deployments
+                 SET status = $2::ops.ops_deployment_status, metadata = metadata || $3
+                 WHERE deployment_id = $1",
+            )
+            .bind(deployment_id)
+            .bind(&event.status)
+            .bind(Value::Object(event.metadata.clone()))
+            .execute(&mut *conn)
+            .await
+            .db("advance the deployment")?;
+        }
+        Some(_) => {}
+    }
+
+    let stored =
+        read_deployment(conn, deployment_id, false)
+            .await?
+            .ok_or(HandlerError::UnknownReference {
+                kind: "deployment",
+                id: deployment_id,
+            })?;
+    let event_type = if rollback_of.is_some() {
+        "rollback_trigger"
+    } else {
+        match event.status.as_str() {
+            "in_progress" => "deploy_start",
+            "succeeded" => "deploy_complete",
+            "failed" => "deploy_failed",
+            _ => "rollback_trigger",
+        }
+    };
+    let event_id: Uuid = sqlx::query_scalar(
+        "INSERT INTO ops.environment_events (environment, event_type, source_system, release_id, deployment_id,
+                                             payload, idempotency_key, created_by)
+         VALUES ($1::ops.ops_environment, $2, $3, $4, $5, $6, $7, $3)
+         RETURNING event_id",
+    )
+    .bind(&stored.environment)
+    .bind(event_type)
+    .bind(&envelope.source_system)
+    .bind(envelope.release_id)
+    .bind(deployment_id)
+    .bind(json!({
+        "deployment_id": deployment_id,
+        "environment": stored.environment,
+        "status": stored.status,
+        "previous_status": previous_status,
+        "deployed_by": stored.deployed_by,
+        "source_ref": stored.source_ref,
+        "deployed_at": stored.deployed_at,
+        "rollback_of": stored.rollback_of,
+        "metadata": event.metadata,
+    }))
+    .bind(&envelope.idempotency_key)
+    .fetch_one(&mut *conn)
+    .await
+    .db("insert the deployment's environment event")?;
+
+    let policy_violation = !eligible;
+    if policy_violation {
+        sqlx::query(
+            "INSERT INTO ops.environment_events (environment, event_type, source_system, release_id, deployment_id,
+                                                 payload, idempotency_key, created_by)
+             VALUES ('production', 'policy_violation', 'opsgate', $1, $2, $3,
+                     'opsgate/policy_violation/' || $2::text, 'opsgate')
+             ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(envelope.release_id)
+        .bind(deployment_id)
+        .bind(json!({
+            "deployment_id": deployment_id,
+            "blockers": blockers,
+            "status": event.status,
+            "reported_by": envelope.source_system,
+        }))
+        .execute(&mut *conn)
+        .await
+        .db("record the policy violation")?;
+    }
+
+    let release_status: String =
+        sqlx::query_scalar("SELECT status::text FROM ops.releases WHERE release_id = $1")
+            .bind(envelope.release_id)
+            .fetch_one(&mut *conn)
+            .await
+            .db("read the release status")?;
+    Ok(json!({
+        "deployment_id": deployment_id,
+        "environment": stored.environment,
+        "status": stored.status,
+        "previous_status": previous_status,
+        "rollback_of": stored.rollback_of,
+        "g4_status": stored.g4_status,
+        "release_status": release_status,
+        "event_id": event_id,
+        "policy_violation": policy_violation,
+        "blockers": blockers,
+    }))
+}
+
+pub async fn health_check(conn: &mut PgConnection, envelope: &Envelope) -> Result<Value, HandlerError> {
+    let check: HealthCheck = payload(envelope)?;
+    check_status(&check.status)?;
+    not_blank("check_name", &check.check_name)?;
+    if envelope.gate_code.is_some_and(|gate| gate != GateCode::G4) {
+        return Err(HandlerError::bad_request(format!(
+            "health_check is a G4 event, not {}",
+            envelope.gate_code.map_or("", GateCode::as_str)
+        )));
+    }
+    existing_release(conn, envelope.release_id).await?;
+    deployment_of_release(conn, envelope.release_id, check.deployment_id).await?;
+    let gate = gate_id(conn, envelope.release_id, GateCode::G4).await?;
+    let check_id = insert_check(
+        conn,
+        gate,
+        &check.check_name,
+        &envelope.source_system,
+        &check.status,
+        check.artifact_ref.as_deref(),
+        Some(check.deployment_id),
+        check.observed_at.unwrap_or(envelope.emitted_at),
+        check.metadata,
+    )
+    .await?;
+    let g4_status: String =
+        sqlx::query_scalar("SELECT g4_status::text FROM ops.deployments WHERE deployment_id = $1")
+            .bind(check.deployment_id)
+            .fetch_one(&mut *conn)
+            .await
+            .db("read the deployment's G4 status")?;
+    Ok(json!({
+        "check_id": check_id,
+        "deployment_id": check.deployment_id,
+        "g4_status": g4_status,
+        "gate_code": "G4",
+        "gate_status": gate_status(conn, gate).await?,
+    }))
+}

@@ -1,0 +1,149 @@
+//! Domain handlers: one module per event family. Each takes a valid envelope
+//! and the ingest transaction, writes facts, and returns a JSON result that
+//! the ledger keeps (a duplicate is answered with it). Gate, G4 and release
+//! state are never written here: the database derives them from the facts.
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::envelope::{Envelope, EventType, GateCode};
+
+mod approval;
+mod build;
+mod deployment;
+mod environment;
+mod evidence;
+mod exception;
+mod incident;
+mod release;
+
+/// Why a handler did not apply an event.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Permanent: retrying the same message cannot succeed (400, 409, 422).
+    #[error("{message}")]
+    Rejected { code: u16, message: String },
+    /// The release is not known yet: its release_created may still be on the
+    /// way, so the event is retried and becomes 409 only when retries run out.
+    #[error("release {0} is unknown")]
+    UnknownRelease(Uuid),
+    /// A record the event refers to is not known yet (retried like a release).
+    #[error("{kind} {id} is unknown")]
+    UnknownReference { kind: &'static str, id: Uuid },
+    /// A database error; `ingest` decides whether it is transient.
+    #[error("{action}: {source}")]
+    Database {
+        action: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+impl HandlerError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        HandlerError::Rejected {
+            code: 400,
+            message: message.into(),
+        }
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        HandlerError::Rejected {
+            code: 409,
+            message: message.into(),
+        }
+    }
+
+    pub fn unprocessable(message: impl Into<String>) -> Self {
+        HandlerError::Rejected {
+            code: 422,
+            message: message.into(),
+        }
+    }
+}
+
+/// `.db("insert the check")?` on a sqlx result: names the step that failed.
+pub(crate) trait DbContext<T> {
+    fn db(self, action: &'static str) -> Result<T, HandlerError>;
+}
+
+impl<T> DbContext<T> for Result<T, sqlx::Error> {
+    fn db(self, action: &'static str) -> Result<T, HandlerError> {
+        self.map_err(|source| HandlerError::Database { action, source })
+    }
+}
+
+/// The envelope's payload as `T`; a missing or ill-typed field is a 400 that names it.
+pub(crate) fn payload<T: DeserializeOwned>(envelope: &Envelope) -> Result<T, HandlerError> {
+    serde_json::from_value(Value::Object(envelope.payload.clone())).map_err(|error| {
+        HandlerError::bad_request(format!("invalid {} payload: {error}", envelope.event_type))
+    })
+}
+
+/// The envelope's gate_code, required by this event type.
+pub(crate) fn required_gate(envelope: &Envelope) -> Result<GateCode, HandlerError> {
+    envelope
+        .gate_code
+        .ok_or_else(|| HandlerError::bad_request(format!("{} needs gate_code", envelope.event_type)))
+}
+
+/// Fails with UnknownRelease unless the envelope's release exists; returns
+/// its initiating actor.
+pub(crate) async fn existing_release(
+    conn: &mut PgConnection,
+    release_id: Uuid,
+) -> Result<String, HandlerError> {
+    sqlx::query_scalar("SELECT initiating_actor FROM ops.releases WHERE release_id = $1")
+        .bind(release_id)
+        .fetch_optional(conn)
+        .await
+        .db("look up the release")?
+        .ok_or(HandlerError::UnknownRelease(release_id))
+}
+
+/// The gate row of a release.
+pub(crate) async fn gate_id(
+    conn: &mut PgConnection,
+    release_id: Uuid,
+    gate: GateCode,
+) -> Result<Uuid, HandlerError> {
+    sqlx::query_scalar(
+        "SELECT gate_id FROM ops.release_gates WHERE release_id = $1 AND gate_code = $2::ops.ops_gate_code",
+    )
+    .bind(release_id)
+    .bind(gate.as_str())
+    .fetch_optional(conn)
+    .await
+    .db("look up the gate")?
+    .ok_or(HandlerError::UnknownRelease(release_id))
+}
+
+/// The derived status of a gate, after the facts' triggers ran.
+pub(crate) async fn gate_status(conn: &mut PgConnection, gate_id: Uuid) -> Result<String, HandlerError> {
+    sqlx::query_scalar("SELECT status::text FROM ops.release_gates WHERE gate_id = $1")
+        .bind(gate_id)
+        .fetch_one(conn)
+        .await
+        .db("read the gate status")
+}
+
+/// Applies `envelope` inside the ingest transaction `conn`.
+pub async fn dispatch(conn: &mut PgConnection, envelope: &Envelope) -> Result<Value, HandlerError> {
+    match envelope.event_type {
+        EventType::ReleaseCreated => release::release_created(conn, envelope).await,
+        EventType::BuildComplete => build::build_complete(conn, envelope).await,
+        EventType::CheckResult => build::check_result(conn, envelope).await,
+        EventType::EvidenceAttached => evidence::evidence_attached(conn, envelope).await,
+        EventType::GateSignoff => approval::gate_signoff(conn, envelope).await,
+        EventType::ExceptionGranted => exception::exception_granted(conn, envelope).await,
+        EventType::ExceptionReviewed => exception::exception_reviewed(conn, envelope).await,
+        EventType::DeploymentEvent => deployment::deployment_event(conn, envelope).await,
+        EventType::HealthCheck => deployment::health_check(conn, envelope).await,
+        EventType::EnvironmentEvent => environment::environment_event(conn, envelope).await,
+        EventType::IncidentOpened => incident::incident_opened(conn, envelope).await,
+        EventType::IncidentResolved => incident::incident_resolved(conn, envelope).await,
+        EventType::RecoveryDrill => incident::recovery_drill(conn, envelope).await,
+    }
+}

@@ -1,0 +1,268 @@
+//! From a message body to an outcome, against PostgreSQL only: parse the
+//! envelope, claim its idempotency key in the ledger, apply the handler and
+//! store the result in one transaction. What happens to the message next
+//! (ack, retry, dead-letter) is decided here and carried out by the consumer.
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+
+use crate::envelope::{self, Envelope, Partial};
+use crate::handlers::{self, HandlerError};
+use crate::ledger::{self, FailedAttempt, FailureStatus, NextAction};
+
+/// The processing status of the PRD, with its HTTP-like code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Accepted,
+    Duplicate,
+    Rejected,
+    Error,
+}
+
+/// What the consumer does with the message after processing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    Ack,
+    /// Publish to the next retry tier, then ack.
+    Retry,
+    /// Publish to the dead-letter exchange, then ack.
+    DeadLetter,
+}
+
+/// The answer to one delivery; this is also the reply body.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Outcome {
+    pub idempotency_key: Option<String>,
+    pub status: Status,
+    pub code: u16,
+    pub error: Option<String>,
+    pub result: Option<Value>,
+    #[serde(skip)]
+    pub next: Next,
+}
+
+/// PostgreSQL cannot be reached: nothing was written; hold the message and
+/// try again once the database answers.
+#[derive(Debug, thiserror::Error)]
+#[error("PostgreSQL is unavailable: {0}")]
+pub struct DatabaseUnavailable(#[source] pub sqlx::Error);
+
+/// How a failed database call should be treated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// The server is not reachable (or is shutting down).
+    Unavailable,
+    /// Worth another attempt later: deadlock, serialization failure, ...
+    Transient,
+    /// The data was refused for good; the HTTP-like code to report.
+    Permanent(u16),
+}
+
+pub fn classify(error: &sqlx::Error) -> Fault {
+    if crate::database::is_connection_error(error) {
+        return Fault::Unavailable;
+    }
+    let Some(code) = error.as_database_error().and_then(|e| e.code()) else {
+        return Fault::Transient;
+    };
+    match code.as_ref() {
+        // Connection exceptions, admin/crash shutdown, cannot connect now.
+        c if c.starts_with("08") || c.starts_with("57P") => Fault::Unavailable,
+        // Serialization failure, deadlock, lock timeout, canceled, out of resources.
+        "40001" | "40P01" | "55P03" | "57014" => Fault::Transient,
+        c if c.starts_with("53") => Fault::Transient,
+        // Unique and foreign-key violations: the event conflicts with the state.
+        "23505" | "23503" => Fault::Permanent(409),
+        // Other integrity rules, bad values, rules raised by our triggers.
+        c if c.starts_with("23") || c.starts_with("22") || c == "P0001" => Fault::Permanent(422),
+        _ => Fault::Transient,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    pub max_body_bytes: usize,
+    /// Written to `created_by` of ledger rows.
+    pub writer: String,
+}
+
+/// One delivery attempt. `attempt` counts from 1; `retries_left` says whether
+/// a transient failure may still be retried.
+pub async fn process(
+    pool: &PgPool,
+    body: &[u8],
+    attempt: u32,
+    retries_left: bool,
+    options: &IngestOptions,
+) -> Result<Outcome, DatabaseUnavailable> {
+    let envelope = match envelope::parse(body, options.max_body_bytes) {
+        Ok(envelope) => envelope,
+        Err(rejection) => {
+            let failure = FailedAttempt {
+                partial: &rejection.partial,
+                payload_hash: &envelope::sha256_hex(body),
+                status: FailureStatus::Rejected,
+                code: rejection.code,
+                error: &rejection.reason,
+                attempt,
+            };
+            record(pool, &failure, &options.writer).await?;
+            return Ok(failed(&failure, Next::DeadLetter));
+        }
+    };
+    let payload_hash = envelope.payload_hash();
+    let partial = Partial::from(&envelope);
+
+    let (status, code, error, next) = match apply(pool, &envelope, &payload_hash, attempt, &options.writer)
+        .await
+    {
+        Ok(Applied::Accepted(result)) => return Ok(success(&envelope, Status::Accepted, result)),
+        Ok(Applied::Duplicate(result)) => return Ok(success(&envelope, Status::Duplicate, result)),
+        Ok(Applied::KeyReused { accepted_hash }) => (
+            FailureStatus::Rejected,
+            422,
+            format!(
+                "idempotency key {:?} was already accepted for a different payload (hash {accepted_hash})",
+                envelope.idempotency_key
+            ),
+            Next::DeadLetter,
+        ),
+        Err(HandlerError::Rejected { code, message }) => {
+            (FailureStatus::Rejected, code, message, Next::DeadLetter)
+        }
+        Err(error @ (HandlerError::UnknownRelease(_) | HandlerError::UnknownReference { .. })) => {
+            if retries_left {
+                (
+                    FailureStatus::Error,
+                    409,
+                    format!("{error}; will retry"),
+                    Next::Retry,
+                )
+            } else {
+                (
+                    FailureStatus::Rejected,
+                    409,
+                    format!("{error}; retries exhausted"),
+                    Next::DeadLetter,
+                )
+            }
+        }
+        Err(HandlerError::Database { action, source }) => match classify(&source) {
+            Fault::Unavailable => return Err(DatabaseUnavailable(source)),
+            Fault::Permanent(code) => (
+                FailureStatus::Rejected,
+                code,
+                format!("{action}: {source}"),
+                Next::DeadLetter,
+            ),
+            Fault::Transient if retries_left => (
+                FailureStatus::Error,
+                503,
+                format!("{action}: {source}"),
+                Next::Retry,
+            ),
+            Fault::Transient => (
+                FailureStatus::Error,
+                503,
+                format!("{action}: {source}; retries exhausted"),
+                Next::DeadLetter,
+            ),
+        },
+    };
+    let failure = FailedAttempt {
+        partial: &partial,
+        payload_hash: &payload_hash,
+        status,
+        code,
+        error: &error,
+        attempt,
+    };
+    record(pool, &failure, &options.writer).await?;
+    Ok(failed(&failure, next))
+}
+
+enum Applied {
+    Accepted(Value),
+    Duplicate(Value),
+    KeyReused { accepted_hash: String },
+}
+
+/// The ledger claim, the handler and the result, in one transaction.
+async fn apply(
+    pool: &PgPool,
+    envelope: &Envelope,
+    payload_hash: &str,
+    attempt: u32,
+    writer: &str,
+) -> Result<Applied, HandlerError> {
+    use crate::handlers::DbContext;
+    let mut tx = pool.begin().await.db("begin the ingest transaction")?;
+    lock_release(&mut tx, envelope).await.db("lock the release")?;
+    let applied = match ledger::try_processing(&mut tx, envelope, payload_hash, attempt, writer)
+        .await
+        .db("claim the idempotency key")?
+    {
+        NextAction::StartProcessing { ingest_id } => {
+            let result = handlers::dispatch(&mut tx, envelope).await?;
+            ledger::save_result(&mut tx, ingest_id, &result)
+                .await
+                .db("store the result")?;
+            Applied::Accepted(result)
+        }
+        NextAction::ReturnSavedResult { result } => Applied::Duplicate(result),
+        NextAction::KeyReused { accepted_hash } => return Ok(Applied::KeyReused { accepted_hash }),
+    };
+    tx.commit().await.db("commit the ingest transaction")?;
+    Ok(applied)
+}
+
+/// Two messages of one release never interleave their writes, across any
+/// number of workers: a transaction-scoped advisory lock on the release id.
+async fn lock_release(conn: &mut PgConnection, envelope: &Envelope) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
+        .bind(envelope.release_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+async fn record(pool: &PgPool, failure: &FailedAttempt<'_>, writer: &str) -> Result<(), DatabaseUnavailable> {
+    let mut conn = pool.acquire().await.map_err(DatabaseUnavailable)?;
+    match ledger::record_failure(&mut conn, failure, writer).await {
+        Ok(_) => Ok(()),
+        Err(error) if classify(&error) == Fault::Unavailable => Err(DatabaseUnavailable(error)),
+        Err(error) => {
+            // The outcome still reaches the producer and the dead-letter queue;
+            // only its ledger row is missing, so say so loudly.
+            tracing::error!(error = %error, code = failure.code, "failed to record the failed attempt in the ledger");
+            Ok(())
+        }
+    }
+}
+
+fn success(envelope: &Envelope, status: Status, result: Value) -> Outcome {
+    Outcome {
+        idempotency_key: Some(envelope.idempotency_key.clone()),
+        status,
+        code: 200,
+        error: None,
+        result: Some(result),
+        next: Next::Ack,
+    }
+}
+
+fn failed(failure: &FailedAttempt<'_>, next: Next) -> Outcome {
+    Outcome {
+        idempotency_key: failure.partial.idempotency_key.clone(),
+        status: match failure.status {
+            FailureStatus::Rejected => Status::Rejected,
+            FailureStatus::Error => Status::Error,
+        },
+        code: failure.code,
+        error: Some(failure.error.to_owned()),
+        result: None,
+        next,
+    }
+}

@@ -1,0 +1,122 @@
+//! `opsgate worker`: consumes envelopes until told to stop, reconnecting to
+//! RabbitMQ whenever the connection drops, and runs the sweeps beside it.
+//! One cancellation token stops every loop.
+
+use std::sync::Arc;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::consumer::{self, ConsumerContext, SessionEnd};
+use crate::broker::{self, Topology};
+use crate::config::Settings;
+use crate::ingest::IngestOptions;
+use crate::sweeps;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("invalid database URL {url}: {source}")]
+    DatabaseUrl {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+/// The topology the worker consumes, from its settings.
+pub fn topology(settings: &Settings) -> Topology {
+    Topology::new(
+        &settings.amqp.namespace,
+        settings.retry.schedule(),
+        settings.amqp.delivery_limit,
+    )
+}
+
+/// Runs until `cancel` fires, then finishes in-flight messages and returns.
+/// Neither RabbitMQ nor PostgreSQL being down makes it return.
+pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), WorkerError> {
+    let options: PgConnectOptions =
+        settings
+            .database
+            .url
+            .expose()
+            .parse()
+            .map_err(|source| WorkerError::DatabaseUrl {
+                url: settings.database.url.to_string(),
+                source,
+            })?;
+    // Lazy: the worker starts, and holds messages, while PostgreSQL is down.
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.database.max_connections)
+        .acquire_timeout(settings.database.acquire_timeout())
+        .connect_lazy_with(options);
+
+    let sweeper = settings.sweeps.enabled.then(|| {
+        tokio::spawn(sweeps::run_periodically(
+            pool.clone(),
+            settings.sweeps.clone(),
+            cancel.child_token(),
+        ))
+    });
+
+    let context = Arc::new(ConsumerContext {
+        pool: pool.clone(),
+        topology: topology(settings),
+        ingest: IngestOptions {
+            max_body_bytes: settings.worker.max_body_bytes,
+            writer: "opsgate-worker".to_owned(),
+        },
+        prefetch: settings.amqp.prefetch,
+        max_in_flight: settings.worker.max_in_flight,
+        confirm_timeout: settings.amqp.confirm_timeout(),
+        jitter: settings.retry.jitter,
+        database_retry_max: std::time::Duration::from_millis(settings.worker.database_retry_max_ms),
+        shutdown_timeout: settings.worker.shutdown_timeout(),
+        consumer_tag: format!("opsgate-worker-{}", std::process::id()),
+    });
+
+    tracing::info!(database = %settings.database.url, amqp = %settings.amqp.url,
+        queue = %context.topology.ingest_queue, "worker starting");
+    while !cancel.is_cancelled() {
+        let Some(connection) = broker::connect_with_retry(&settings.amqp, "opsgate-worker", &cancel).await
+        else {
+            break;
+        };
+        let session = async {
+            let channel =
+                connection
+                    .create_channel()
+                    .await
+                    .map_err(|source| broker::BrokerError::Channel {
+                        name: "topology".to_owned(),
+                        source,
+                    })?;
+            context.topology.declare(&channel).await?;
+            broker::quietly(channel.close(200, "declared".into())).await;
+            consumer::consume(&connection, context.clone(), &cancel).await
+        };
+        match session.await {
+            Ok(SessionEnd::Cancelled) => {
+                broker::quietly(connection.close(200, "worker stopping".into())).await;
+                break;
+            }
+            Ok(SessionEnd::Lost(reason)) => tracing::warn!(%reason, "lost RabbitMQ; reconnecting"),
+            Err(error) => {
+                tracing::warn!(%error, "RabbitMQ session failed; reconnecting");
+                // Do not spin when the broker accepts connections but refuses the topology.
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    () = tokio::time::sleep(std::time::Duration::from_millis(settings.amqp.reconnect_min_ms)) => {}
+                }
+            }
+        }
+        broker::quietly(connection.close(200, "reconnecting".into())).await;
+    }
+
+    if let Some(sweeper) = sweeper {
+        let _ = sweeper.await;
+    }
+    pool.close().await;
+    tracing::info!("worker stopped");
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! `opsgate publish` against a running worker.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::worker::*;
+use common::*;
+
+fn publish(settings: &opsgate::config::Settings, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_opsgate"))
+        .arg("--config-dir")
+        .arg(config_dir())
+        .arg("publish")
+        .args(args)
+        .envs(env_of(settings))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run opsgate publish")
+}
+
+const RELEASE: &str = r#"{"project": "acme/odoo", "release_name": "v2026.02.4", "environment_target": "production",
+                          "source_ref": "abc123", "initiating_actor": "dev-1"}"#;
+
+// Multi-threaded: the CLI runs as a blocking subprocess while the worker runs here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_wait_prints_accepted_then_duplicate_and_exits_2_when_rejected() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+
+    let args = [
+        "--event",
+        "release_created",
+        "--source",
+        "github_actions",
+        "--payload",
+        RELEASE,
+        "--wait",
+    ];
+    let first = publish(&settings, &args);
+    assert_eq!(first.status.code(), Some(0), "{first:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&first.stdout).expect("JSON reply");
+    assert_eq!(reply["status"], "accepted");
+    let release_id = opsgate::publish::release_id_for("acme/odoo", "v2026.02.4");
+    assert_eq!(reply["result"]["release_id"], release_id.to_string());
+
+    // A retried CI job publishes the very same event: same release, same key.
+    let again = publish(&settings, &args);
+    assert_eq!(again.status.code(), Some(0), "{again:?}");
+    let reply_again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(reply_again["status"], "duplicate");
+    assert_eq!(reply_again["idempotency_key"], reply["idempotency_key"]);
+    assert_eq!(reply_again["result"], reply["result"]);
+
+    let bad = publish(
+        &settings,
+        &[
+            "--event",
+            "check_result",
+            "--release",
+            &release_id.to_string(),
+            "--gate",
+            "G1",
+            "--payload",
+            "{}",
+            "--wait",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    let rejected: serde_json::Value = serde_json::from_slice(&bad.stdout).unwrap();
+    assert_eq!(rejected["status"], "rejected");
+    assert_eq!(rejected["code"], 400);
+    assert!(rejected["error"].as_str().unwrap().contains("check_name"));
+
+    worker.stop().await;
+    producer.finish().await;
+}
+
+#[tokio::test]
+async fn publish_to_a_namespace_nobody_declared_exits_3() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    // No producer or worker declared this namespace: the exchange is missing.
+    let output = publish(&settings, &["--event", "release_created", "--payload", RELEASE]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("error:"), "{stderr}");
+
+    // Declared but without a binding for nothing: unroutable with mandatory -> 3.
+    let producer = Producer::new(&settings).await;
+    let channel = producer.connection.create_channel().await.unwrap();
+    channel
+        .queue_unbind(
+            producer.topology.ingest_queue.as_str().into(),
+            producer.topology.exchange.as_str().into(),
+            "#".into(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let output = publish(&settings, &["--event", "release_created", "--payload", RELEASE]);
+    assert_eq!(output.status.code(), Some(3), "{output:?}");
+    producer.finish().await;
+}

@@ -1,0 +1,344 @@
+//! The worker through the real queue: every outcome with its ledger row and
+//! dead-letter headers, replies, and exactly-once under concurrency.
+
+mod common;
+
+use common::worker::*;
+use common::*;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+async fn release_count(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM ops.releases")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn accepted_then_duplicate_with_the_original_result_and_no_second_effect() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+
+    let release = release_created(fresh_release(), "v1");
+    let (first, _) = producer.request(&release).await;
+    assert_eq!(first["status"], "accepted");
+    assert_eq!(first["code"], 200);
+    assert_eq!(first["result"]["release_name"], "v1");
+
+    let (second, _) = producer.request(&release).await;
+    assert_eq!(second["status"], "duplicate");
+    assert_eq!(second["code"], 200);
+    assert_eq!(
+        second["result"], first["result"],
+        "a duplicate carries the original result"
+    );
+
+    assert_eq!(release_count(&db).await, 1);
+    assert_eq!(
+        ledger(&db.pool, &key_of(&release)).await,
+        vec![("accepted".to_owned(), 200), ("duplicate".to_owned(), 200)]
+    );
+    worker.stop().await;
+    producer.finish().await;
+}
+
+/// Publishes `body` and returns the dead letter's code header and error.
+async fn rejected(producer: &Producer, body: &[u8]) -> (i64, String) {
+    producer.publish_bare(body, "whatever").await;
+    let (dead_body, headers) = producer.next_dead_letter(SECS_10).await;
+    assert_eq!(dead_body, body, "the dead letter is the original body");
+    assert_eq!(
+        header_str(&headers, "x-opsgate-status").as_deref(),
+        Some("rejected")
+    );
+    assert!(header_str(&headers, "x-opsgate-failed-at").is_some());
+    assert_eq!(header_i64(&headers, "x-opsgate-attempt"), Some(1));
+    (
+        header_i64(&headers, "x-opsgate-code").expect("code header"),
+        header_str(&headers, "x-opsgate-error").expect("error header"),
+    )
+}
+
+#[tokio::test]
+async fn malformed_messages_are_rejected_with_400_and_dead_lettered() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+
+    let valid = release_created(fresh_release(), "v1");
+    let mut cases: Vec<(String, Vec<u8>, &str)> = Vec::new();
+    for field in [
+        "schema_version",
+        "idempotency_key",
+        "event_type",
+        "source_system",
+        "release_id",
+        "payload",
+        "emitted_at",
+    ] {
+        let mut envelope = valid.clone();
+        envelope.as_object_mut().unwrap().remove(field);
+        envelope["idempotency_key"] = json!(format!("missing-{field}-{}", Uuid::new_v4()));
+        if field == "idempotency_key" {
+            envelope.as_object_mut().unwrap().remove(field);
+        }
+        cases.push((
+            format!("missing {field}"),
+            serde_json::to_vec(&envelope).unwrap(),
+            field,
+        ));
+    }
+    let wrong_types: [(&str, Value); 5] = [
+        ("release_id", json!(42)),
+        ("payload", json!("text")),
+        ("event_type", json!(["release_created"])),
+        ("emitted_at", json!("yesterday")),
+        ("gate_code", json!("G5")),
+    ];
+    for (field, value) in wrong_types {
+        let mut envelope = valid.clone();
+        envelope[field] = value;
+        envelope["idempotency_key"] = json!(format!("wrong-{field}-{}", Uuid::new_v4()));
+        cases.push((
+            format!("ill-typed {field}"),
+            serde_json::to_vec(&envelope).unwrap(),
+            field,
+        ));
+    }
+    let mut unknown = valid.clone();
+    unknown["event_type"] = json!("release_deleted");
+    cases.push((
+        "unknown event type".into(),
+        serde_json::to_vec(&unknown).unwrap(),
+        "event_type",
+    ));
+    cases.push(("not JSON".into(), b"{not json".to_vec(), "not JSON"));
+    cases.push(("not UTF-8".into(), vec![0xff, 0xfe, 0x7b], "UTF-8"));
+    let mut nul = valid.clone();
+    nul["payload"]["release_name"] = json!("v1\u{0}");
+    cases.push(("NUL character".into(), serde_json::to_vec(&nul).unwrap(), "NUL"));
+
+    for (case, body, mention) in &cases {
+        let (code, error) = rejected(&producer, body).await;
+        assert_eq!(code, 400, "{case}: {error}");
+        assert!(error.contains(mention), "{case}: {error}");
+    }
+    let rows: Vec<(i16, String)> = sqlx::query_as(
+        "SELECT response_code, error_detail FROM ops.event_ingest_log WHERE processing_status = 'rejected'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), cases.len(), "every attempt leaves a ledger row");
+    assert!(rows.iter().all(|(code, _)| *code == 400));
+    assert_eq!(release_count(&db).await, 0);
+    worker.stop().await;
+    producer.finish().await;
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_rejected_with_413() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[("OPSGATE__WORKER__MAX_BODY_BYTES", "2048")]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+    let mut big = release_created(fresh_release(), "v1");
+    big["payload"]["scope_metadata"] = json!({"notes": "x".repeat(4096)});
+    let (code, error) = rejected(&producer, &serde_json::to_vec(&big).unwrap()).await;
+    assert_eq!(code, 413, "{error}");
+    assert_eq!(ledger(&db.pool, &key_of(&big)).await, vec![]);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.event_ingest_log WHERE response_code = 413")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+    worker.stop().await;
+    producer.finish().await;
+}
+
+#[tokio::test]
+async fn unknown_schema_version_and_a_reused_key_are_rejected_with_422() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+
+    let mut future = release_created(fresh_release(), "v1");
+    future["schema_version"] = json!("v2.0");
+    let (code, error) = rejected(&producer, &serde_json::to_vec(&future).unwrap()).await;
+    assert_eq!(code, 422, "{error}");
+    assert_eq!(
+        ledger(&db.pool, &key_of(&future)).await,
+        vec![("rejected".to_owned(), 422)]
+    );
+
+    let original = release_created(fresh_release(), "v2");
+    let (reply, _) = producer.request(&original).await;
+    assert_eq!(reply["status"], "accepted");
+    let mut reused = release_created(fresh_release(), "v3");
+    reused["idempotency_key"] = original["idempotency_key"].clone();
+    let (reply, _) = producer.request(&reused).await;
+    assert_eq!(
+        (reply["status"].as_str(), reply["code"].as_i64()),
+        (Some("rejected"), Some(422))
+    );
+    assert!(
+        reply["error"].as_str().unwrap().contains("different payload"),
+        "{reply}"
+    );
+    let (_, headers) = producer.next_dead_letter(SECS_10).await;
+    assert_eq!(header_i64(&headers, "x-opsgate-code"), Some(422));
+    assert_eq!(
+        ledger(&db.pool, &key_of(&original)).await,
+        vec![("accepted".to_owned(), 200), ("rejected".to_owned(), 422)]
+    );
+    assert_eq!(release_count(&db).await, 1);
+    worker.stop().await;
+    producer.finish().await;
+}
+
+fn check_for(release_id: Uuid) -> Value {
+    envelope(
+        "check_result",
+        release_id,
+        Some("G1"),
+        json!({"check_name": "unit_tests", "status": "pass"}),
+    )
+}
+
+#[tokio::test]
+async fn an_unknown_release_is_retried_then_dead_lettered_with_409() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]); // retries after 1 s and 1 s
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+
+    let orphan = check_for(fresh_release());
+    producer.publish(&orphan).await;
+    let (_, headers) = producer.next_dead_letter(SECS_20).await;
+    assert_eq!(header_i64(&headers, "x-opsgate-code"), Some(409));
+    assert_eq!(header_i64(&headers, "x-opsgate-attempt"), Some(3));
+    assert!(
+        header_str(&headers, "x-opsgate-error")
+            .unwrap()
+            .contains("retries exhausted")
+    );
+    assert_eq!(
+        ledger(&db.pool, &key_of(&orphan)).await,
+        vec![
+            ("error".to_owned(), 409),
+            ("error".to_owned(), 409),
+            ("rejected".to_owned(), 409)
+        ]
+    );
+    worker.stop().await;
+    producer.finish().await;
+}
+
+#[tokio::test]
+async fn a_release_created_arriving_during_the_retries_rescues_the_event() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[("OPSGATE__RETRY__SCHEDULE_SECS", "2,2")]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+
+    let release_id = fresh_release();
+    let early = check_for(release_id);
+    producer.publish(&early).await;
+    let rows = wait_for_status(&db.pool, &key_of(&early), "error", SECS_10).await;
+    assert_eq!(rows, vec![("error".to_owned(), 409)]);
+
+    let (reply, _) = producer.request(&release_created(release_id, "v1")).await;
+    assert_eq!(reply["status"], "accepted");
+    let rows = wait_for_status(&db.pool, &key_of(&early), "accepted", SECS_10).await;
+    assert_eq!(
+        rows,
+        vec![("error".to_owned(), 409), ("accepted".to_owned(), 200)]
+    );
+    let status: String = sqlx::query_scalar(
+        "SELECT status::text FROM ops.release_gates WHERE release_id = $1 AND gate_code = 'G1'",
+    )
+    .bind(release_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "passed");
+    assert_eq!(producer.dead_letter_count().await, 0);
+    worker.stop().await;
+    producer.finish().await;
+}
+
+#[tokio::test]
+async fn the_same_key_delivered_to_two_consumers_at_once_is_accepted_exactly_once() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let release = release_created(fresh_release(), "v1");
+    for _ in 0..20 {
+        producer.publish(&release).await;
+    }
+    // Two workers (two connections, two consumers) race for the same key.
+    let first = start_worker(&settings);
+    let second = start_worker(&settings);
+    let count = wait_for_count(
+        &db.pool,
+        "SELECT count(*) FROM ops.event_ingest_log WHERE processing_status IN ('accepted', 'duplicate')",
+        20,
+        SECS_20,
+    )
+    .await;
+    assert_eq!(count, 20);
+    let rows = ledger(&db.pool, &key_of(&release)).await;
+    assert_eq!(
+        rows.iter().filter(|(s, _)| s == "accepted").count(),
+        1,
+        "{rows:?}"
+    );
+    assert_eq!(
+        rows.iter().filter(|(s, _)| s == "duplicate").count(),
+        19,
+        "{rows:?}"
+    );
+    assert_eq!(release_count(&db).await, 1);
+    first.stop().await;
+    second.stop().await;
+    producer.finish().await;
+}
+
+#[tokio::test]
+async fn a_message_without_any_properties_is_accepted() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+    let release = release_created(fresh_release(), "v1");
+    producer
+        .publish_bare(&serde_json::to_vec(&release).unwrap(), "release_created")
+        .await;
+    let rows = wait_for_status(&db.pool, &key_of(&release), "accepted", SECS_10).await;
+    assert_eq!(rows, vec![("accepted".to_owned(), 200)]);
+    worker.stop().await;
+    producer.finish().await;
+}
+
+#[tokio::test]
+async fn the_worker_declares_its_topology_and_drains_what_was_waiting() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let releases: Vec<Value> = (0..30)
+        .map(|i| release_created(fresh_release(), &format!("v{i}")))
+        .collect();
+    for release in &releases {
+        producer.publish(release).await;
+    }
+    let worker = start_worker(&settings);
+    let count = wait_for_count(&db.pool, "SELECT count(*) FROM ops.releases", 30, SECS_20).await;
+    assert_eq!(count, 30);
+    worker.stop().await;
+    producer.finish().await;
+}
