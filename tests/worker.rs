@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::seed;
 use common::worker::*;
 use common::*;
 use serde_json::{Value, json};
@@ -341,4 +342,222 @@ async fn the_worker_declares_its_topology_and_drains_what_was_waiting() {
     assert_eq!(count, 30);
     worker.stop().await;
     producer.finish().await;
+}
+
+async fn eligible(db: &TestDb, release_id: Uuid, env: &str) -> bool {
+    sqlx::query_scalar("SELECT ops.is_eligible_for_promotion($1, $2)")
+        .bind(release_id)
+        .bind(env)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+async fn gates(db: &TestDb, release_id: Uuid) -> Vec<String> {
+    sqlx::query_scalar("SELECT status::text FROM ops.release_gates WHERE release_id = $1 ORDER BY gate_code")
+        .bind(release_id)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+async fn release_status(db: &TestDb, release_id: Uuid) -> String {
+    sqlx::query_scalar("SELECT status::text FROM ops.releases WHERE release_id = $1")
+        .bind(release_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// Publishes and expects the worker to accept.
+async fn accept(producer: &Producer, envelope: Value) -> Value {
+    let (reply, _) = producer.request(&envelope).await;
+    assert_eq!(reply["status"], "accepted", "{envelope}\n-> {reply}");
+    reply["result"].clone()
+}
+
+#[tokio::test]
+async fn a_whole_release_goes_from_g1_to_g4_through_the_queue() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+    let r = fresh_release();
+
+    accept(&producer, release_created(r, "v2026.02.4")).await;
+    assert_eq!(gates(&db, r).await, ["pending", "pending", "pending", "pending"]);
+    assert_eq!(release_status(&db, r).await, "draft");
+    assert!(!eligible(&db, r, "staging").await);
+
+    // G1: CI build.
+    let sha = "a".repeat(40);
+    let build = accept(
+        &producer,
+        envelope(
+            "build_complete",
+            r,
+            Some("G1"),
+            json!({"status": "pass", "git_sha": sha, "branch": "main", "commit_message": "release", "author": "dev-1",
+                   "build_log_url": "https://ci.example/run/1/log", "image_digest": format!("sha256:{}", "b".repeat(64))}),
+        ),
+    )
+    .await;
+    assert_eq!(build["gate_status"], "passed");
+    assert!(!eligible(&db, r, "staging").await, "G2 still missing");
+
+    // G2: QA evidence and signoff (n8n agent).
+    accept(
+        &producer,
+        envelope(
+            "evidence_attached",
+            r,
+            Some("G2"),
+            json!({"artifact_type": "uat_summary", "artifact_url": "https://qa.example/uat/1"}),
+        ),
+    )
+    .await;
+    let signoff = accept(
+        &producer,
+        envelope(
+            "gate_signoff",
+            r,
+            Some("G2"),
+            json!({"approver_id": "qa-1", "persona_role": "qa_tester", "decision": "approved"}),
+        ),
+    )
+    .await;
+    assert_eq!(signoff["gate_status"], "passed");
+    assert!(eligible(&db, r, "staging").await);
+    assert!(!eligible(&db, r, "production").await);
+
+    // Staging deployment and its health.
+    let staging = Uuid::new_v4();
+    for status in ["in_progress", "succeeded"] {
+        accept(
+            &producer,
+            envelope(
+                "deployment_event",
+                r,
+                None,
+                json!({"deployment_id": staging, "environment": "staging", "status": status, "deployed_by": "ci"}),
+            ),
+        )
+        .await;
+    }
+    assert!(!eligible(&db, r, "production").await, "G3 still missing");
+
+    // G3: rollback plan and the release manager's signoff.
+    accept(
+        &producer,
+        envelope(
+            "evidence_attached",
+            r,
+            Some("G3"),
+            json!({"artifact_type": "rollback_plan", "artifact_url": "https://wiki.example/rollback"}),
+        ),
+    )
+    .await;
+    let g3 = accept(
+        &producer,
+        envelope(
+            "gate_signoff",
+            r,
+            Some("G3"),
+            json!({"approver_id": "rm-1", "persona_role": "release_manager", "decision": "approved"}),
+        ),
+    )
+    .await;
+    assert_eq!(g3["gate_status"], "passed");
+    assert!(eligible(&db, r, "production").await);
+
+    // Production deployment: eligible, so no policy violation.
+    let production = Uuid::new_v4();
+    let deployed = accept(
+        &producer,
+        envelope(
+            "deployment_event",
+            r,
+            None,
+            json!({"deployment_id": production, "environment": "production", "status": "succeeded", "deployed_by": "ci"}),
+        ),
+    )
+    .await;
+    assert_eq!(deployed["policy_violation"], false);
+    assert_eq!(release_status(&db, r).await, "promoted");
+    assert_eq!(gates(&db, r).await, ["passed", "passed", "passed", "in_progress"]);
+
+    // G4: monitoring confirms within the SLA.
+    let health = accept(
+        &producer,
+        envelope(
+            "health_check",
+            r,
+            Some("G4"),
+            json!({"deployment_id": production, "status": "pass"}),
+        ),
+    )
+    .await;
+    assert_eq!(health["g4_status"], "passed");
+    assert_eq!(gates(&db, r).await, ["passed", "passed", "passed", "passed"]);
+    assert_eq!(release_status(&db, r).await, "promoted");
+
+    // The chain is reconstructible from ops.* alone.
+    let ledger_rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM ops.event_ingest_log WHERE release_id = $1 AND processing_status = 'accepted'",
+    )
+    .bind(r)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(ledger_rows, 10);
+    let builds: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.builds WHERE release_id = $1")
+        .bind(r)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(builds, 1);
+    worker.stop().await;
+    producer.finish().await;
+}
+
+#[tokio::test]
+async fn the_worker_runs_the_sweeps_on_its_interval() {
+    let db = TestDb::new().await;
+    let settings = settings_for(
+        &db,
+        &[
+            ("OPSGATE__SWEEPS__ENABLED", "true"),
+            ("OPSGATE__SWEEPS__INTERVAL_SECS", "1"),
+        ],
+    );
+    let release_id = seed::release(&db.pool, "dev-1").await;
+    let now = seed::now();
+    // Recorded while active, expired by the time the worker runs.
+    let exception = seed::exception(
+        &db.pool,
+        release_id,
+        &["G3"],
+        "rm-1",
+        now - chrono::Duration::hours(1),
+        now + chrono::Duration::milliseconds(300),
+    )
+    .await;
+    let worker = start_worker(&settings);
+    let expired = wait_for_count(
+        &db.pool,
+        "SELECT count(*) FROM ops.exceptions WHERE expired_at IS NOT NULL",
+        1,
+        SECS_10,
+    )
+    .await;
+    assert_eq!(expired, 1);
+    let events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM ops.environment_events WHERE event_type = 'exception_expired' AND payload ->> 'exception_id' = $1",
+    )
+    .bind(exception.to_string())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(events, 1);
+    worker.stop().await;
 }
