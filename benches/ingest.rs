@@ -1,0 +1,460 @@
+//! End-to-end ingest benchmark: the real `opsgate worker` binary against the
+//! real RabbitMQ and PostgreSQL on this machine.
+//!
+//!   cargo bench --bench ingest -- [--events N] [--rate R] [--seconds S]
+//!
+//! Phase 1 (throughput, memory): preloads N envelopes (a realistic mix of
+//! event types over many releases, 10% of them duplicates) into the ingest
+//! queue as persistent messages, starts the worker and times the drain. The
+//! worker's RSS is sampled the whole time.
+//! Phase 2 (latency): with the worker idle, offers R events/s for S seconds,
+//! each with reply_to; latency is publish -> reply, and the worker replies
+//! after its transaction committed.
+//!
+//! Each run uses a database and a namespace of its own and removes both.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use opsgate::broker::Topology;
+use opsgate::config::{DatabaseSettings, SecretUrl};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+struct Args {
+    events: usize,
+    rate: u64,
+    seconds: u64,
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        events: 50_000,
+        rate: 1_000,
+        seconds: 10,
+    };
+    let raw: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < raw.len() {
+        let value = raw.get(i + 1).and_then(|v| v.parse::<u64>().ok());
+        match (raw[i].as_str(), value) {
+            ("--events", Some(v)) => args.events = v as usize,
+            ("--rate", Some(v)) => args.rate = v,
+            ("--seconds", Some(v)) => args.seconds = v,
+            _ => {}
+        }
+        i += 1;
+    }
+    args
+}
+
+fn server_url() -> String {
+    std::env::var("OPSGATE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+fn amqp_url() -> String {
+    std::env::var("OPSGATE_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+fn envelope(event_type: &str, release_id: Uuid, gate: Option<&str>, payload: Value) -> Value {
+    json!({
+        "schema_version": "v1.0",
+        "idempotency_key": format!("bench/{release_id}/{event_type}/{}", Uuid::new_v4().simple()),
+        "event_type": event_type,
+        "source_system": "github_actions",
+        "release_id": release_id,
+        "gate_code": gate,
+        "payload": payload,
+        "emitted_at": chrono::Utc::now().to_rfc3339(),
+    })
+}
+
+/// The events of one release, in the order a real release produces them.
+fn release_events(n: usize) -> Vec<Value> {
+    let r = Uuid::new_v4();
+    let staging = Uuid::new_v4();
+    let production = Uuid::new_v4();
+    let sha = format!("{:040x}", n);
+    vec![
+        envelope(
+            "release_created",
+            r,
+            None,
+            json!({"project": "acme/odoo", "release_name": format!("v{n}-{r}"), "environment_target": "production",
+                   "source_ref": sha, "initiating_actor": "dev-1"}),
+        ),
+        envelope(
+            "build_complete",
+            r,
+            Some("G1"),
+            json!({"status": "pass", "git_sha": sha, "branch": "main", "commit_message": "bench", "author": "dev-1"}),
+        ),
+        envelope(
+            "check_result",
+            r,
+            Some("G1"),
+            json!({"check_name": "lint", "status": "warning"}),
+        ),
+        envelope(
+            "evidence_attached",
+            r,
+            Some("G2"),
+            json!({"artifact_type": "test_result", "artifact_url": "https://ci.example/tests"}),
+        ),
+        envelope(
+            "gate_signoff",
+            r,
+            Some("G2"),
+            json!({"approver_id": "qa-1", "persona_role": "qa_tester", "decision": "approved"}),
+        ),
+        envelope(
+            "deployment_event",
+            r,
+            None,
+            json!({"deployment_id": staging, "environment": "staging", "status": "succeeded", "deployed_by": "ci"}),
+        ),
+        envelope(
+            "evidence_attached",
+            r,
+            Some("G3"),
+            json!({"artifact_type": "rollback_plan", "artifact_url": "https://wiki.example/rollback"}),
+        ),
+        envelope(
+            "gate_signoff",
+            r,
+            Some("G3"),
+            json!({"approver_id": "rm-1", "persona_role": "release_manager", "decision": "approved"}),
+        ),
+        envelope(
+            "deployment_event",
+            r,
+            None,
+            json!({"deployment_id": production, "environment": "production", "status": "succeeded", "deployed_by": "ci"}),
+        ),
+        envelope(
+            "health_check",
+            r,
+            Some("G4"),
+            json!({"deployment_id": production, "status": "pass"}),
+        ),
+    ]
+}
+
+/// `count` envelopes: whole releases interleaved in rounds (each release's
+/// events stay in order), with every tenth message a duplicate of an earlier one.
+fn workload(count: usize) -> Vec<Vec<u8>> {
+    let mut out = Vec::with_capacity(count);
+    let mut release = 0usize;
+    while out.len() < count {
+        // 50 releases in flight at a time, their events interleaved.
+        let batch: Vec<Vec<Value>> = (0..50)
+            .map(|_| {
+                release_events({
+                    release += 1;
+                    release
+                })
+            })
+            .collect();
+        for step in 0..10 {
+            for events in &batch {
+                if out.len() >= count {
+                    break;
+                }
+                out.push(serde_json::to_vec(&events[step]).unwrap_or_default());
+                if out.len() % 10 == 9 && out.len() < count {
+                    let earlier = out[out.len() / 2].clone();
+                    out.push(earlier);
+                }
+            }
+        }
+    }
+    out.truncate(count);
+    out
+}
+
+async fn confirm_channel(connection: &Connection) -> Channel {
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    channel
+}
+
+/// Publishes persistent messages, confirms awaited in windows of 500.
+async fn preload(channel: &Channel, topology: &Topology, bodies: &[Vec<u8>]) {
+    for window in bodies.chunks(500) {
+        let mut confirms = Vec::with_capacity(window.len());
+        for body in window {
+            confirms.push(
+                channel
+                    .basic_publish(
+                        topology.exchange.as_str().into(),
+                        "bench".into(),
+                        BasicPublishOptions::default(),
+                        body,
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for confirm in confirms {
+            confirm.await.expect("confirm");
+        }
+    }
+}
+
+fn rss_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|line| line.starts_with(field))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|kib| kib.parse().ok())
+}
+
+async fn processed(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM ops.event_ingest_log")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
+
+fn spawn_worker(database_url: &str, namespace: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_opsgate"))
+        .arg("--config-dir")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+        .arg("worker")
+        .env("OPSGATE__DATABASE__URL", database_url)
+        .env("OPSGATE__AMQP__URL", amqp_url())
+        .env("OPSGATE__AMQP__NAMESPACE", namespace)
+        .env("OPSGATE__SWEEPS__ENABLED", "false")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn the worker")
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+#[tokio::main]
+async fn main() {
+    let args = args();
+    let name = format!("opsgate_bench_{}", Uuid::new_v4().simple());
+    let server = SecretUrl::new(server_url());
+    let database = DatabaseSettings {
+        url: server.with_path(&format!("/{name}")),
+        max_connections: 4,
+        acquire_timeout_secs: 10,
+    };
+    opsgate::database::migrate(&database)
+        .await
+        .expect("migrate the bench database");
+    let pool = opsgate::database::connect(&database).await.expect("connect");
+    let synchronous_commit: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+
+    let namespace = format!("bench.{}.events", Uuid::new_v4().simple());
+    let topology = Topology::new(
+        &namespace,
+        vec![Duration::from_secs(1), Duration::from_secs(5)],
+        10,
+    );
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("amqp");
+    let channel = confirm_channel(&connection).await;
+    topology.declare(&channel).await.expect("declare");
+
+    println!("opsgate ingest benchmark");
+    println!(
+        "  machine: {} cores, PostgreSQL synchronous_commit = {synchronous_commit}, quorum ingest queue, persistent messages",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+
+    // Phase 1: drain a preloaded backlog.
+    let bodies = workload(args.events);
+    let started = Instant::now();
+    preload(&channel, &topology, &bodies).await;
+    println!(
+        "  preloaded {} envelopes in {:.1}s",
+        bodies.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    let mut worker = spawn_worker(database.url.expose(), &namespace);
+    let pid = worker.id();
+    let drain_started = Instant::now();
+    let mut samples: Vec<(f64, i64, u64)> = Vec::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let done = processed(&pool).await;
+        let rss = rss_kib(pid, "VmRSS:").unwrap_or(0);
+        samples.push((drain_started.elapsed().as_secs_f64(), done, rss));
+        if done >= bodies.len() as i64 {
+            break;
+        }
+        if let Ok(Some(status)) = worker.try_wait() {
+            panic!("the worker exited early: {status}");
+        }
+    }
+    let drain = drain_started.elapsed().as_secs_f64();
+    let peak = rss_kib(pid, "VmHWM:").unwrap_or(0);
+    let accepted: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ops.event_ingest_log WHERE processing_status = 'accepted'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let by_status: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT processing_status::text, count(*) FROM ops.event_ingest_log GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    println!("\n  phase 1: drain a backlog of {} messages", bodies.len());
+    println!("    outcomes: {by_status:?}");
+    println!(
+        "    end to end: {:.0} messages/s, {:.0} accepted events/s ({drain:.1}s)",
+        bodies.len() as f64 / drain,
+        accepted as f64 / drain
+    );
+    println!("    worker RSS: peak {:.1} MiB", peak as f64 / 1024.0);
+    for quarter in [0.25, 0.5, 0.75, 1.0] {
+        let target = (bodies.len() as f64 * quarter) as i64;
+        if let Some((t, done, rss)) = samples.iter().find(|(_, done, _)| *done >= target) {
+            println!(
+                "      at {:>3}% drained ({done} rows, {t:.1}s): RSS {:.1} MiB",
+                (quarter * 100.0) as u32,
+                *rss as f64 / 1024.0
+            );
+        }
+    }
+
+    // Phase 2: latency at an offered rate.
+    let reply_queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("reply queue");
+    let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let latencies: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
+    let reply_channel = connection.create_channel().await.unwrap();
+    let mut replies = reply_channel
+        .basic_consume(
+            reply_queue.name().clone(),
+            "bench-replies".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let collector = {
+        let sent_at = sent_at.clone();
+        let latencies = latencies.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(reply)) = replies.next().await {
+                let id = reply
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|c| c.to_string())
+                    .unwrap_or_default();
+                if let Some(start) = sent_at.lock().map(|mut m| m.remove(&id)).ok().flatten() {
+                    if let Ok(mut l) = latencies.lock() {
+                        l.push(start.elapsed().as_secs_f64() * 1000.0);
+                    }
+                }
+            }
+        })
+    };
+    let offered = (args.rate * args.seconds) as usize;
+    let paced = workload(offered);
+    let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+    let phase_started = Instant::now();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for (i, body) in paced.iter().enumerate() {
+        ticker.tick().await;
+        let id = i.to_string();
+        if let Ok(mut m) = sent_at.lock() {
+            m.insert(id.clone(), Instant::now());
+        }
+        let _confirm = channel
+            .basic_publish(
+                topology.exchange.as_str().into(),
+                "bench".into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_reply_to(reply_queue.name().clone())
+                    .with_correlation_id(id.into()),
+            )
+            .await
+            .expect("publish");
+    }
+    let offer_secs = phase_started.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while latencies.lock().map(|l| l.len()).unwrap_or(0) < offered && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    collector.abort();
+    let mut sorted = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    println!(
+        "\n  phase 2: {} events offered at {} events/s ({offer_secs:.1}s)",
+        offered, args.rate
+    );
+    println!("    replies received: {}", sorted.len());
+    println!(
+        "    publish -> commit -> reply latency: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        percentile(&sorted, 0.50),
+        percentile(&sorted, 0.99),
+        sorted.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "    worker RSS after both phases: {:.1} MiB (peak {:.1} MiB)",
+        rss_kib(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0,
+        rss_kib(pid, "VmHWM:").unwrap_or(0) as f64 / 1024.0
+    );
+
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = worker.wait();
+    let _ = topology.delete(&channel).await;
+    pool.close().await;
+    if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&server_url()).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&mut conn)
+        .await;
+    }
+}
