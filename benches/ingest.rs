@@ -387,10 +387,10 @@ async fn main() {
                     .as_ref()
                     .map(|c| c.to_string())
                     .unwrap_or_default();
-                if let Some(start) = sent_at.lock().map(|mut m| m.remove(&id)).ok().flatten() {
-                    if let Ok(mut l) = latencies.lock() {
-                        l.push(start.elapsed().as_secs_f64() * 1000.0);
-                    }
+                if let Some(start) = sent_at.lock().map(|mut m| m.remove(&id)).ok().flatten()
+                    && let Ok(mut l) = latencies.lock()
+                {
+                    l.push(start.elapsed().as_secs_f64() * 1000.0);
                 }
             }
         })
