@@ -146,6 +146,9 @@ pub struct WorkerSettings {
     pub shutdown_timeout_secs: u64,
     /// Upper bound of the wait between attempts while PostgreSQL is unreachable.
     pub database_retry_max_ms: u64,
+    /// The role the worker's connections `SET ROLE` to (least privilege);
+    /// empty to keep the login role.
+    pub database_role: String,
 }
 
 impl WorkerSettings {

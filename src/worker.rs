@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -32,9 +33,10 @@ pub fn topology(settings: &Settings) -> Topology {
     )
 }
 
-/// Runs until `cancel` fires, then finishes in-flight messages and returns.
-/// Neither RabbitMQ nor PostgreSQL being down makes it return.
-pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), WorkerError> {
+/// The worker's pool: lazy, so the worker starts (and holds messages) while
+/// PostgreSQL is down, and each connection `SET ROLE`s to
+/// `worker.database_role` for least privilege.
+pub fn pool(settings: &Settings) -> Result<PgPool, WorkerError> {
     let options: PgConnectOptions =
         settings
             .database
@@ -45,11 +47,31 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), W
                 url: settings.database.url.to_string(),
                 source,
             })?;
-    // Lazy: the worker starts, and holds messages, while PostgreSQL is down.
+    let role = settings.worker.database_role.clone();
     let pool = PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
         .acquire_timeout(settings.database.acquire_timeout())
+        .after_connect(move |conn, _| {
+            let role = role.clone();
+            Box::pin(async move {
+                if !role.is_empty() {
+                    // The name is validated by the settings: lowercase letters, digits and _.
+                    sqlx::query(sqlx::AssertSqlSafe(format!("SET ROLE \"{role}\"")))
+                        .execute(conn)
+                        .await?;
+                }
+                Ok(())
+            })
+        })
         .connect_lazy_with(options);
+
+    Ok(pool)
+}
+
+/// Runs until `cancel` fires, then finishes in-flight messages and returns.
+/// Neither RabbitMQ nor PostgreSQL being down makes it return.
+pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), WorkerError> {
+    let pool = pool(settings)?;
 
     let sweeper = settings.sweeps.enabled.then(|| {
         tokio::spawn(sweeps::run_periodically(
