@@ -146,6 +146,8 @@ pub struct WorkerSettings {
     pub shutdown_timeout_secs: u64,
     /// Upper bound of the wait between attempts while PostgreSQL is unreachable.
     pub database_retry_max_ms: u64,
+    /// Apply pending migrations (as the login role) before consuming.
+    pub migrate_on_start: bool,
     /// The role the worker's connections `SET ROLE` to (least privilege);
     /// empty to keep the login role.
     pub database_role: String,
@@ -162,7 +164,8 @@ pub struct RetrySettings {
     /// Delay before each retry of a transient failure; its length is the
     /// number of retries before the message is dead-lettered.
     pub schedule_secs: Vec<u64>,
-    /// Each delay is randomized by up to this fraction either way.
+    /// Each delay is shortened at random by up to this fraction (the retry
+    /// queue's TTL is the upper bound), so retries spread out.
     pub jitter: f64,
 }
 

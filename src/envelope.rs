@@ -222,7 +222,7 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Envelope, Rejection> {
     if idempotency_key.len() > 512 {
         return Err(reject(
             400,
-            "idempotency_key is longer than 512 characters".to_owned(),
+            "idempotency_key is longer than 512 bytes".to_owned(),
             partial,
         ));
     }

@@ -17,14 +17,18 @@ pub fn release_id_for(project: &str, release_name: &str) -> Uuid {
 }
 
 /// `<source_system>/<release_id>/<event_type>/<hash of payload>` (PRD format),
-/// the hash being the first 16 hex characters of SHA-256 over the canonical payload.
+/// the hash being the first 16 hex characters of SHA-256 over the canonical
+/// JSON of the gate code and the payload (the same payload for two gates is
+/// two events).
 pub fn idempotency_key(
     source_system: &str,
     release_id: Uuid,
     event_type: EventType,
+    gate_code: Option<GateCode>,
     payload: &Map<String, Value>,
 ) -> String {
-    let hash = sha256_hex(Value::Object(payload.clone()).to_string().as_bytes());
+    let canonical = json!({"gate_code": gate_code, "payload": payload});
+    let hash = sha256_hex(canonical.to_string().as_bytes());
     format!("{source_system}/{release_id}/{event_type}/{}", &hash[..16])
 }
 
@@ -65,10 +69,15 @@ pub fn build_envelope(spec: &EventSpec) -> Result<Value, EnvelopeError> {
         }
         None => return Err(EnvelopeError::MissingRelease(spec.event_type)),
     };
-    let key = spec
-        .idempotency_key
-        .clone()
-        .unwrap_or_else(|| idempotency_key(&spec.source_system, release_id, spec.event_type, &spec.payload));
+    let key = spec.idempotency_key.clone().unwrap_or_else(|| {
+        idempotency_key(
+            &spec.source_system,
+            release_id,
+            spec.event_type,
+            spec.gate_code,
+            &spec.payload,
+        )
+    });
     Ok(json!({
         "schema_version": SCHEMA_VERSION,
         "idempotency_key": key,
@@ -111,6 +120,22 @@ mod tests {
             "github_actions/{}/release_created/",
             release_id_for("acme/odoo", "v1")
         )));
+    }
+
+    #[test]
+    fn the_same_payload_for_two_gates_gets_two_keys() {
+        let mut g2 = spec(
+            EventType::GateSignoff,
+            json!({"approver_id": "x", "decision": "approved"}),
+        );
+        g2.release_id = Some(Uuid::nil());
+        g2.gate_code = Some(GateCode::G2);
+        let mut g3 = g2.clone();
+        g3.gate_code = Some(GateCode::G3);
+        assert_ne!(
+            build_envelope(&g2).unwrap()["idempotency_key"],
+            build_envelope(&g3).unwrap()["idempotency_key"]
+        );
     }
 
     #[test]

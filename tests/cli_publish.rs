@@ -84,9 +84,9 @@ async fn publish_to_a_namespace_nobody_declared_exits_3() {
     let settings = settings_for(&db, &[]);
     // No producer or worker declared this namespace: the exchange is missing.
     let output = publish(&settings, &["--event", "release_created", "--payload", RELEASE]);
-    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert_eq!(output.status.code(), Some(3), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("error:"), "{stderr}");
+    assert!(stderr.contains("NOT_FOUND"), "{stderr}");
 
     // Declared but without a binding for nothing: unroutable with mandatory -> 3.
     let producer = Producer::new(&settings).await;

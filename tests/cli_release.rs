@@ -64,6 +64,16 @@ async fn eligible_exits_1_with_readable_blockers_and_0_when_eligible() {
     assert_eq!(output.status.code(), Some(0), "{output:?}");
     assert!(stdout(&output).contains("is eligible for production"));
 
+    // Not being able to decide is not "not eligible".
+    let unknown = opsgate(
+        &db,
+        &["release", "eligible", "acme/odoo/v9", "--env", "production"],
+    );
+    assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("release acme/odoo/v9 does not exist"));
+    let bad_env = opsgate(&db, &["release", "eligible", "acme/odoo/v1.0", "--env", "prod"]);
+    assert_eq!(bad_env.status.code(), Some(2), "{bad_env:?}");
+
     let output = opsgate(
         &db,
         &[

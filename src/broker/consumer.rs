@@ -151,7 +151,7 @@ fn report_panic(finished: Result<(), tokio::task::JoinError>) {
     if let Err(error) = finished
         && error.is_panic()
     {
-        tracing::error!(%error, "a message task panicked; the message stays unacked and will be redelivered");
+        tracing::error!(%error, "a message task panicked; its message stays unacked until the channel closes, then it is redelivered");
     }
 }
 

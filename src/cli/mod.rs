@@ -62,6 +62,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 crate::shutdown::signal().await;
                 on_signal.cancel();
             });
+            if settings.worker.migrate_on_start {
+                let report = crate::database::migrate(&settings.database).await?;
+                for migration in &report.applied {
+                    tracing::info!(%migration, "applied migration");
+                }
+            }
             crate::worker::run(&settings, cancel).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -82,8 +88,13 @@ fn print_settings(settings: &Settings) {
     println!("{settings:#?}");
 }
 
-/// Prints `value` as pretty JSON on stdout.
+/// Prints `value` as pretty JSON on stdout. A closed pipe (`| head`) is not
+/// an error.
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+    use std::io::Write;
+    let text = serde_json::to_string_pretty(value)?;
+    match writeln!(std::io::stdout(), "{text}") {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }

@@ -140,7 +140,8 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Result<ExitC
         Err(
             error @ (PublishError::Unroutable { .. }
             | PublishError::Timeout { .. }
-            | PublishError::Nacked { .. }),
+            | PublishError::Nacked { .. }
+            | PublishError::Broker { .. }),
         ) => {
             eprintln!("error: {error}");
             return Ok(ExitCode::from(UNDELIVERED));

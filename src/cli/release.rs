@@ -10,7 +10,9 @@ use crate::releases::{self, ReleaseRef};
 pub enum ReleaseCommand {
     /// Print the release and each gate with its explanation.
     Show(ShowArgs),
-    /// Exit 0 when the release may be promoted to --env, 1 with the blockers when not.
+    /// Exit 0 when the release may be promoted to --env, 1 with the blockers
+    /// when not, 2 when eligibility could not be decided (unknown release,
+    /// database unreachable, bad --env).
     Eligible(EligibleArgs),
 }
 
@@ -36,7 +38,14 @@ pub struct EligibleArgs {
 }
 
 pub async fn run(settings: &Settings, command: ReleaseCommand) -> anyhow::Result<ExitCode> {
-    let pool = database::connect(&settings.database).await?;
+    let pool = match database::connect(&settings.database).await {
+        Ok(pool) => pool,
+        Err(error) if matches!(command, ReleaseCommand::Eligible(_)) => {
+            eprintln!("error: {error}");
+            return Ok(ExitCode::from(2));
+        }
+        Err(error) => return Err(error.into()),
+    };
     match command {
         ReleaseCommand::Show(args) => {
             let id = releases::resolve(&pool, &args.release).await?;
@@ -76,8 +85,19 @@ pub async fn run(settings: &Settings, command: ReleaseCommand) -> anyhow::Result
             Ok(ExitCode::SUCCESS)
         }
         ReleaseCommand::Eligible(args) => {
-            let id = releases::resolve(&pool, &args.release).await?;
-            let answer = releases::eligibility(&pool, id, &args.env).await?;
+            // 1 means "not eligible"; failing to find out is 2, so a pipeline
+            // can tell a blocked release from a broken check.
+            let answer = match releases::resolve(&pool, &args.release).await {
+                Ok(id) => releases::eligibility(&pool, id, &args.env).await,
+                Err(error) => Err(error),
+            };
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
             if args.json {
                 super::print_json(&answer)?;
             } else if answer.eligible {

@@ -45,8 +45,8 @@ pub struct DeploymentEvent {
     /// When this deployment rolls another back: that deployment's id, an
     /// existing deployment in the same environment.
     pub rollback_of: Option<Uuid>,
-    /// Anything else about the deployment; default `{}`. Later events merge
-    /// their keys into it.
+    /// Anything else about the deployment; default `{}`. A later event that
+    /// changes the status merges its keys into it.
     #[serde(default)]
     pub metadata: Map<String, Value>,
 }
