@@ -183,7 +183,10 @@ $$;
 -- ---------------------------------------------------------------------------
 -- status: the derived status; own_status: what the facts alone give, before
 -- any exception; explanation: every requirement, met or not, and why.
-CREATE FUNCTION ops.evaluate_gate(p_gate_id uuid, p_now timestamptz DEFAULT now())
+-- Required gates are evaluated afresh, or, with p_stored_requirements (the
+-- refresh, which derives gates in order), read from their stored status.
+CREATE FUNCTION ops.evaluate_gate(p_gate_id uuid, p_now timestamptz DEFAULT now(),
+                                  p_stored_requirements boolean DEFAULT false)
 RETURNS TABLE (status ops.ops_gate_status, own_status ops.ops_gate_status, exception_id uuid,
                resolved_by text, explanation jsonb)
 LANGUAGE plpgsql STABLE
@@ -281,9 +284,15 @@ BEGIN
 
         -- Required gates, evaluated now rather than read from stored state.
         FOREACH req_code IN ARRAY pol.requires_gates LOOP
-            SELECT e.status INTO req_status
-            FROM ops.release_gates rg, ops.evaluate_gate(rg.gate_id, p_now) e
-            WHERE rg.release_id = r.release_id AND rg.gate_code = req_code;
+            IF p_stored_requirements THEN
+                SELECT rg.status INTO req_status
+                FROM ops.release_gates rg
+                WHERE rg.release_id = r.release_id AND rg.gate_code = req_code;
+            ELSE
+                SELECT e.status INTO req_status
+                FROM ops.release_gates rg, ops.evaluate_gate(rg.gate_id, p_now) e
+                WHERE rg.release_id = r.release_id AND rg.gate_code = req_code;
+            END IF;
             reqs := reqs || jsonb_build_object('requirement', 'gate:' || req_code,
                 'met', req_status IN ('passed', 'bypassed'),
                 'detail', format('%s is %s', ops.gate_label(req_code), coalesce(req_status::text, 'missing')));
@@ -429,9 +438,11 @@ AS $$
     WHERE r.release_id = p_release_id
 $$;
 
--- Re-derives every gate, every deployment's G4 and the status of one release.
+-- Re-derives the gates in p_gates (all when NULL) and the gates that require
+-- them, the deployments' G4 when G4 is among them, and the release status.
 -- Idempotent: it writes only what changed.
-CREATE FUNCTION ops.refresh_release(p_release_id uuid, p_now timestamptz DEFAULT now()) RETURNS void
+CREATE FUNCTION ops.refresh_release(p_release_id uuid, p_now timestamptz DEFAULT now(),
+                                    p_gates ops.ops_gate_code[] DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql
 AS $$
 DECLARE
@@ -439,14 +450,31 @@ DECLARE
     gate  record;
     ev    record;
     new_status ops.ops_release_status;
+    target ops.ops_environment;
+    gates ops.ops_gate_code[] := coalesce(p_gates, enum_range(NULL::ops.ops_gate_code));
+    wider ops.ops_gate_code[];
 BEGIN
     -- One refresh per release at a time.
-    PERFORM 1 FROM ops.releases WHERE release_id = p_release_id FOR UPDATE;
+    SELECT environment_target INTO target FROM ops.releases WHERE release_id = p_release_id FOR UPDATE;
     IF NOT FOUND THEN
         RETURN;
     END IF;
 
-    FOR dep IN SELECT deployment_id FROM ops.deployments WHERE release_id = p_release_id ORDER BY deployment_id LOOP
+    -- A gate that requires a changed gate changes with it.
+    LOOP
+        SELECT array_agg(DISTINCT code ORDER BY code) INTO wider
+        FROM (
+            SELECT unnest(gates) AS code
+            UNION
+            SELECT p.gate_code FROM ops.gate_policies p
+            WHERE p.environment = target AND p.requires_gates && gates
+        ) x;
+        EXIT WHEN wider IS NULL OR cardinality(wider) = cardinality(gates);
+        gates := wider;
+    END LOOP;
+
+    FOR dep IN SELECT deployment_id FROM ops.deployments
+               WHERE release_id = p_release_id AND 'G4' = ANY (gates) ORDER BY deployment_id LOOP
         SELECT * INTO ev FROM ops.derive_g4(dep.deployment_id, p_now);
         UPDATE ops.deployments
         SET g4_status = ev.g4_status, g4_resolved_at = ev.g4_resolved_at
@@ -454,8 +482,10 @@ BEGIN
           AND (g4_status, g4_resolved_at) IS DISTINCT FROM (ev.g4_status, ev.g4_resolved_at);
     END LOOP;
 
-    FOR gate IN SELECT gate_id FROM ops.release_gates WHERE release_id = p_release_id ORDER BY gate_code LOOP
-        SELECT * INTO ev FROM ops.evaluate_gate(gate.gate_id, p_now);
+    -- In gate order, so a gate's requirements are derived before it.
+    FOR gate IN SELECT gate_id FROM ops.release_gates
+                WHERE release_id = p_release_id AND gate_code = ANY (gates) ORDER BY gate_code LOOP
+        SELECT * INTO ev FROM ops.evaluate_gate(gate.gate_id, p_now, true);
         UPDATE ops.release_gates g
         SET status = ev.status,
             exception_id = ev.exception_id,
@@ -574,14 +604,18 @@ CREATE TRIGGER evidence_artifacts_link_release
     BEFORE INSERT OR UPDATE ON ops.evidence_artifacts
     FOR EACH ROW EXECUTE FUNCTION ops.link_evidence_release();
 
+-- Which gates a fact can change: its own gate (checks, approvals), the gates
+-- an exception impacts, G1-G3 for evidence (policies may ask any of them for
+-- evidence), G4 for deployments; refresh_release adds the gates that require them.
 CREATE FUNCTION ops.refresh_on_fact() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 DECLARE
     affected uuid[];
+    gates ops.ops_gate_code[];
 BEGIN
-    IF TG_TABLE_NAME = 'gate_checks' THEN
-        SELECT array_agg(DISTINCT rg.release_id) INTO affected
+    IF TG_TABLE_NAME IN ('gate_checks', 'approvals') THEN
+        SELECT array_agg(DISTINCT rg.release_id), array_agg(DISTINCT rg.gate_code) INTO affected, gates
         FROM ops.release_gates rg
         WHERE rg.gate_id IN (
             CASE WHEN TG_OP <> 'DELETE' THEN NEW.gate_id END,
@@ -590,8 +624,20 @@ BEGIN
         affected := ARRAY[
             CASE WHEN TG_OP <> 'DELETE' THEN NEW.release_id END,
             CASE WHEN TG_OP <> 'INSERT' THEN OLD.release_id END];
+        -- (Separate branches: a record field is resolved when its expression runs.)
+        IF TG_TABLE_NAME = 'exceptions' AND TG_OP = 'INSERT' THEN
+            gates := NEW.impacted_gates;
+        ELSIF TG_TABLE_NAME = 'exceptions' AND TG_OP = 'UPDATE' THEN
+            gates := NEW.impacted_gates || OLD.impacted_gates;
+        ELSIF TG_TABLE_NAME = 'exceptions' THEN
+            gates := OLD.impacted_gates;
+        ELSIF TG_TABLE_NAME = 'evidence_artifacts' THEN
+            gates := '{G1,G2,G3}';
+        ELSE
+            gates := '{G4}';
+        END IF;
     END IF;
-    PERFORM ops.refresh_release(id)
+    PERFORM ops.refresh_release(id, now(), coalesce(gates, '{}'))
     FROM (SELECT DISTINCT id FROM unnest(affected) AS id WHERE id IS NOT NULL) ids;
     RETURN NULL;
 END

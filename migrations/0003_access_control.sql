@@ -86,7 +86,7 @@ $$;
 -- Anyone with an ops role may ask about gates and eligibility; the worker
 -- (and SREs by hand) may run the sweeps.
 GRANT EXECUTE ON FUNCTION ops.acting_identity(), ops.all_sha256(jsonb), ops.gate_label(ops.ops_gate_code),
-    ops.evaluate_gate(uuid, timestamptz), ops.derive_g4(uuid, timestamptz),
+    ops.evaluate_gate(uuid, timestamptz, boolean), ops.derive_g4(uuid, timestamptz),
     ops.promotion_blockers(uuid, text, timestamptz), ops.is_eligible_for_promotion(uuid, text, timestamptz)
     TO ci_service_role, release_manager, qa_tester, sre, developer, audit_reader, opsgate_worker;
 GRANT EXECUTE ON FUNCTION ops.sweep_expired_exceptions(timestamptz), ops.sweep_overdue_g4(timestamptz),
