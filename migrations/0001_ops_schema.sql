@@ -89,6 +89,7 @@ CREATE TABLE ops.exceptions (
     CONSTRAINT exceptions_window_is_forward CHECK (expires_at > effective_from),
     UNIQUE (exception_id, release_id)
 );
+CREATE INDEX exceptions_release_idx ON ops.exceptions (release_id);
 
 -- ---------------------------------------------------------------------------
 -- FR-2 release_gates

@@ -523,6 +523,11 @@ DECLARE
     exc  ops.exceptions;
     unmet text;
 BEGIN
+    -- Only a change into passed or bypassed needs proof; re-deriving an
+    -- explanation of a gate that stays passed does not.
+    IF TG_OP = 'UPDATE' AND NEW.status = OLD.status AND NEW.exception_id IS NOT DISTINCT FROM OLD.exception_id THEN
+        RETURN NEW;
+    END IF;
     IF NEW.status = 'passed' THEN
         IF TG_OP = 'INSERT' THEN
             RAISE EXCEPTION '% cannot be created as passed: gates start pending and pass from their facts',
@@ -605,8 +610,9 @@ CREATE TRIGGER evidence_artifacts_link_release
     FOR EACH ROW EXECUTE FUNCTION ops.link_evidence_release();
 
 -- Which gates a fact can change: its own gate (checks, approvals), the gates
--- an exception impacts, G1-G3 for evidence (policies may ask any of them for
--- evidence), G4 for deployments; refresh_release adds the gates that require them.
+-- an exception impacts, for evidence the gates whose policy asks for evidence
+-- and the gate it is attached to, G4 for deployments; refresh_release adds
+-- the gates that require them.
 CREATE FUNCTION ops.refresh_on_fact() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
@@ -632,7 +638,15 @@ BEGIN
         ELSIF TG_TABLE_NAME = 'exceptions' THEN
             gates := OLD.impacted_gates;
         ELSIF TG_TABLE_NAME = 'evidence_artifacts' THEN
-            gates := '{G1,G2,G3}';
+            -- The gates whose policy asks for evidence, and the gate it is attached to.
+            SELECT array_agg(p.gate_code) INTO gates
+            FROM ops.gate_policies p JOIN ops.releases r ON r.environment_target = p.environment
+            WHERE r.release_id = ANY (affected)
+              AND (cardinality(p.evidence_any_of) > 0 OR cardinality(p.evidence_all_of) > 0);
+            gates := coalesce(gates, '{}') || ARRAY(
+                SELECT g.gate_code FROM ops.release_gates g
+                WHERE g.gate_id IN (CASE WHEN TG_OP <> 'DELETE' THEN NEW.gate_id END,
+                                    CASE WHEN TG_OP <> 'INSERT' THEN OLD.gate_id END));
         ELSE
             gates := '{G4}';
         END IF;

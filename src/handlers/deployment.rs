@@ -219,21 +219,20 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
 
     // Evaluated before the deployment is written, so its own facts do not
     // change the answer.
-    let (eligible, blockers): (bool, Vec<String>) = if event.environment == "production"
+    let blockers: Vec<String> = if event.environment == "production"
         && rollback_of.is_none()
         && ["in_progress", "succeeded"].contains(&event.status.as_str())
     {
-        sqlx::query_as(
-            "SELECT ops.is_eligible_for_promotion($1, 'production'),
-                    ARRAY(SELECT b FROM ops.promotion_blockers($1, 'production') AS b)",
-        )
-        .bind(envelope.release_id)
-        .fetch_one(&mut *conn)
-        .await
-        .db("evaluate production eligibility")?
+        // Eligible exactly when nothing blocks (ops.is_eligible_for_promotion).
+        sqlx::query_scalar("SELECT ops.promotion_blockers($1, 'production')")
+            .bind(envelope.release_id)
+            .fetch_all(&mut *conn)
+            .await
+            .db("evaluate production eligibility")?
     } else {
-        (true, Vec::new())
+        Vec::new()
     };
+    let eligible = blockers.is_empty();
 
     let previous_status = existing.as_ref().map(|current| current.status.clone());
     match &existing {
