@@ -561,3 +561,47 @@ async fn the_worker_runs_the_sweeps_on_its_interval() {
     assert_eq!(events, 1);
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_message_committed_but_never_acked_is_a_duplicate_when_redelivered() {
+    use lapin::options::{BasicGetOptions, BasicRecoverOptions};
+
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let release = release_created(fresh_release(), "v1");
+    producer.publish(&release).await;
+
+    // A "worker" that takes the message, commits its effect, and dies before
+    // the ack: the channel goes away with the delivery unacked.
+    let channel = producer.connection.create_channel().await.unwrap();
+    let message = channel
+        .basic_get(
+            producer.topology.ingest_queue.as_str().into(),
+            BasicGetOptions { no_ack: false },
+        )
+        .await
+        .unwrap()
+        .expect("the message is queued");
+    let options = opsgate::ingest::IngestOptions {
+        max_body_bytes: 1 << 20,
+        writer: "crashed-worker".into(),
+    };
+    let outcome = opsgate::ingest::process(&db.pool, &message.delivery.data, 1, true, &options)
+        .await
+        .unwrap();
+    assert_eq!(outcome.status, opsgate::ingest::Status::Accepted);
+    let _ = channel.basic_recover(BasicRecoverOptions { requeue: true }).await;
+    channel.close(200, "crash".into()).await.unwrap();
+
+    // The real worker gets the redelivery and answers it as a duplicate.
+    let worker = start_worker(&settings);
+    let rows = wait_for_status(&db.pool, &key_of(&release), "duplicate", SECS_10).await;
+    assert_eq!(
+        rows,
+        vec![("accepted".to_owned(), 200), ("duplicate".to_owned(), 200)]
+    );
+    assert_eq!(release_count(&db).await, 1, "exactly one effect");
+    worker.stop().await;
+    producer.finish().await;
+}
