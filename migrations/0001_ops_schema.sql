@@ -32,14 +32,18 @@ CREATE TYPE ops.ops_drill_outcome AS ENUM ('succeeded', 'partial', 'failed');
 -- ---------------------------------------------------------------------------
 -- Provenance (NR-7)
 -- ---------------------------------------------------------------------------
--- The identity a row is attributed to when the writer names nobody: the JWT
--- subject on Supabase-style connections (PostgREST sets request.jwt.claims),
--- otherwise the database user.
+-- The identity a row is attributed to when the writer names nobody, and
+-- what "own" means to row-level security: on Supabase-style connections the
+-- JWT subject that PostgREST puts in request.jwt.claims, trusted only when
+-- the session logged in as PostgREST's `authenticator` role (anyone else
+-- could set that setting themselves); otherwise the database user.
 CREATE FUNCTION ops.acting_identity() RETURNS text
 LANGUAGE sql STABLE
 AS $$
     SELECT coalesce(
-        nullif(nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub', ''),
+        CASE WHEN session_user = 'authenticator' THEN
+            nullif(nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub', '')
+        END,
         current_user::text
     )
 $$;

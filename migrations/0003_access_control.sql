@@ -133,18 +133,24 @@ CREATE TRIGGER exceptions_separation_of_duties
 -- ---------------------------------------------------------------------------
 -- Masking
 -- ---------------------------------------------------------------------------
--- Internal URLs: private or loopback addresses, single-label hosts and
--- internal-looking domains (.internal, .local, .lan, .corp, .intranet).
+-- Internal URLs: loopback, private and link-local addresses, single-label
+-- hosts and internal-looking domains (.internal, .local, .lan, .corp,
+-- .intranet, .svc). Credentials in any URL are masked too.
 CREATE FUNCTION ops.mask_url(p_url text) RETURNS text
 LANGUAGE sql IMMUTABLE
 AS $$
     SELECT CASE
         WHEN host IS NULL THEN p_url
-        WHEN host ~ '^(localhost|127\.|10\.|192\.168\.|172\.(1[6-9]|2[0-9]|3[01])\.|169\.254\.|\[?::1\]?$|\[?f[cd])'
-          OR host !~ '\.'
-          OR host ~ '\.(internal|local|lan|corp|intranet|svc|cluster\.local)$'
+        WHEN host = 'localhost'
+          OR host ~ '^(127|10)\.[0-9]+\.[0-9]+\.[0-9]+$'
+          OR host ~ '^192\.168\.[0-9]+\.[0-9]+$'
+          OR host ~ '^172\.(1[6-9]|2[0-9]|3[01])\.[0-9]+\.[0-9]+$'
+          OR host ~ '^169\.254\.[0-9]+\.[0-9]+$'
+          OR host ~ '^\[(::1|f[cd][0-9a-f]*:[0-9a-f:]*|fe80:[0-9a-f:]*)\]$'
+          OR host !~ '[.:]'
+          OR host ~ '\.(internal|local|lan|corp|intranet|svc)$'
         THEN '<masked internal url>'
-        ELSE p_url
+        ELSE regexp_replace(p_url, '^([a-zA-Z][a-zA-Z0-9+.-]*://)[^@/]*@', '\1***@')
     END
     FROM (SELECT lower(substring(p_url FROM '^[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^@/]*@)?(\[[^\]]+\]|[^:/?#]+)')) AS host) h
 $$;
@@ -324,7 +330,7 @@ GRANT SELECT ON ops.v_release_gate_summary, ops.v_promotion_eligibility, ops.v_e
     ops.v_exception_status, ops.v_deployment_history, ops.v_dora_metrics
     TO ci_service_role, qa_tester, sre, developer;
 
--- Functions created from here on are not executable by PUBLIC either.
+-- Functions created above are not executable by PUBLIC either. (PostgreSQL
+-- grants EXECUTE to PUBLIC on every new function: each later migration must
+-- revoke it; tests/access_control.rs checks that nothing in ops is PUBLIC.)
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA ops FROM PUBLIC;
-ALTER DEFAULT PRIVILEGES IN SCHEMA ops REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
-ALTER DEFAULT PRIVILEGES IN SCHEMA ops REVOKE USAGE ON TYPES FROM PUBLIC;

@@ -345,6 +345,61 @@ impl Settings {
             "database.acquire_timeout_secs",
             self.database.acquire_timeout_secs,
         )?;
+
+        let namespace = &self.amqp.namespace;
+        if namespace.trim().is_empty() || namespace.len() > 200 {
+            return Err(ConfigError::invalid(
+                "amqp.namespace",
+                namespace,
+                "must be 1 to 200 characters",
+            ));
+        }
+        positive("amqp.prefetch", u64::from(self.amqp.prefetch))?;
+        positive("amqp.delivery_limit", u64::from(self.amqp.delivery_limit))?;
+        positive("amqp.reconnect_min_ms", self.amqp.reconnect_min_ms)?;
+        positive("amqp.confirm_timeout_secs", self.amqp.confirm_timeout_secs)?;
+        if self.amqp.reconnect_max_ms < self.amqp.reconnect_min_ms {
+            return Err(ConfigError::invalid(
+                "amqp.reconnect_max_ms",
+                &self.amqp.reconnect_max_ms.to_string(),
+                "must be at least amqp.reconnect_min_ms",
+            ));
+        }
+
+        positive("worker.max_in_flight", self.worker.max_in_flight as u64)?;
+        positive("worker.max_body_bytes", self.worker.max_body_bytes as u64)?;
+        positive("worker.shutdown_timeout_secs", self.worker.shutdown_timeout_secs)?;
+        positive("worker.database_retry_max_ms", self.worker.database_retry_max_ms)?;
+        let role = &self.worker.database_role;
+        let plain_name = role.len() <= 63
+            && role.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && role
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !role.is_empty() && !plain_name {
+            return Err(ConfigError::invalid(
+                "worker.database_role",
+                role,
+                "must be a plain role name (lowercase letters, digits, _) or empty",
+            ));
+        }
+
+        if self.retry.schedule_secs.is_empty() || self.retry.schedule_secs.contains(&0) {
+            return Err(ConfigError::invalid(
+                "retry.schedule_secs",
+                &format!("{:?}", self.retry.schedule_secs),
+                "must list at least one delay, each greater than 0",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.retry.jitter) {
+            return Err(ConfigError::invalid(
+                "retry.jitter",
+                &self.retry.jitter.to_string(),
+                "must be at least 0 and below 1",
+            ));
+        }
+        positive("sweeps.interval_secs", self.sweeps.interval_secs)?;
+
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(ConfigError::invalid(
                 "log.level",

@@ -694,6 +694,25 @@ async fn sensitive_fields_are_masked_for_developers_and_visible_to_auditors() {
         .await
         .unwrap();
     assert_eq!(public, "https://ci.example.com/run/1");
+    for (url, masked) in [
+        (
+            "https://user:secret@ci.example.com/x",
+            "https://***@ci.example.com/x",
+        ),
+        ("https://fdroid.org/app", "https://fdroid.org/app"),
+        ("https://localhost.example.com/", "https://localhost.example.com/"),
+        ("http://10.1.2.3:8080/metrics", "<masked internal url>"),
+        ("http://localhost:9090/", "<masked internal url>"),
+        ("https://vault.internal/secret", "<masked internal url>"),
+        ("docs/runbook.md", "docs/runbook.md"),
+    ] {
+        let got: String = sqlx::query_scalar("SELECT ops.mask_url($1)")
+            .bind(url)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(got, masked, "{url}");
+    }
 }
 
 #[tokio::test]
@@ -734,6 +753,24 @@ async fn nothing_in_ops_is_granted_to_public_and_the_worker_has_no_ddl() {
             "{ddl}"
         );
     }
+}
+
+#[tokio::test]
+async fn jwt_claims_count_only_behind_the_postgrest_authenticator() {
+    let db = TestDb::new().await;
+    let mut tx = db.pool.begin().await.unwrap();
+    tx.execute("SET LOCAL ROLE qa_tester").await.unwrap();
+    tx.execute("SELECT set_config('request.jwt.claims', '{\"sub\": \"bob\"}', true)")
+        .await
+        .unwrap();
+    let identity: String = sqlx::query_scalar("SELECT ops.acting_identity()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(
+        identity, "qa_tester",
+        "a session cannot name itself bob by setting the claims"
+    );
 }
 
 #[tokio::test]

@@ -121,3 +121,41 @@ fn the_retry_schedule_can_be_overridden_as_a_list() {
     let default = config::load_from(&config_dir(), &env(&[])).unwrap();
     assert_eq!(default.retry.schedule_secs, vec![1, 5, 30, 120, 600]);
 }
+
+#[test]
+fn every_setting_is_validated_at_start() {
+    for (variable, value, key) in [
+        ("OPSGATE__WORKER__MAX_IN_FLIGHT", "0", "worker.max_in_flight"),
+        ("OPSGATE__SWEEPS__INTERVAL_SECS", "0", "sweeps.interval_secs"),
+        (
+            "OPSGATE__AMQP__CONFIRM_TIMEOUT_SECS",
+            "0",
+            "amqp.confirm_timeout_secs",
+        ),
+        ("OPSGATE__AMQP__PREFETCH", "0", "amqp.prefetch"),
+        ("OPSGATE__AMQP__NAMESPACE", " ", "amqp.namespace"),
+        ("OPSGATE__RETRY__SCHEDULE_SECS", "1,0", "retry.schedule_secs"),
+        ("OPSGATE__RETRY__JITTER", "1.5", "retry.jitter"),
+        (
+            "OPSGATE__WORKER__DATABASE_ROLE",
+            "worker\"; DROP",
+            "worker.database_role",
+        ),
+        ("OPSGATE__LOG__LEVEL", "info,=[", "log.level"),
+    ] {
+        let error = config::load_from(&config_dir(), &env(&[(variable, value)])).unwrap_err();
+        assert!(
+            matches!(&error, ConfigError::Invalid { key: k, .. } if k == key),
+            "{variable}={value}: {error}"
+        );
+    }
+    let error = config::load_from(
+        &config_dir(),
+        &env(&[
+            ("OPSGATE__AMQP__RECONNECT_MIN_MS", "5000"),
+            ("OPSGATE__AMQP__RECONNECT_MAX_MS", "100"),
+        ]),
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("amqp.reconnect_max_ms"), "{error}");
+}

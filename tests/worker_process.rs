@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::worker::*;
 use common::*;
-use serde_json::{Value, json};
 use uuid::Uuid;
 
 fn spawn_worker(settings: &opsgate::config::Settings) -> Child {
@@ -33,49 +32,13 @@ async fn checks(db: &TestDb) -> i64 {
         .unwrap()
 }
 
-/// A release, then `n` distinct check events for it; each applied once is one gate_checks row.
-async fn publish_checks(producer: &Producer, release_id: Uuid, n: usize) -> Vec<Value> {
-    let events: Vec<Value> = (0..n)
-        .map(|i| {
-            envelope(
-                "check_result",
-                release_id,
-                Some("G1"),
-                json!({"check_name": format!("check_{i}"), "status": "pass"}),
-            )
-        })
-        .collect();
-    for event in &events {
-        producer.publish(event).await;
-    }
-    events
-}
-
-async fn create_release(db: &TestDb, producer: &Producer, release_id: Uuid) {
-    let release = release_created(release_id, "v1");
-    producer.publish(&release).await;
-    let _ = db;
-}
-
-async fn assert_each_applied_once(db: &TestDb, events: &[Value]) {
-    let accepted: i64 = sqlx::query_scalar(
-        "SELECT count(DISTINCT idempotency_key) FROM ops.event_ingest_log
-         WHERE processing_status = 'accepted' AND event_type = 'check_result'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(accepted, events.len() as i64);
-    assert_eq!(checks(db).await, events.len() as i64, "one effect per event");
-}
-
 #[tokio::test]
 async fn sigterm_with_messages_in_flight_exits_0_and_loses_nothing() {
     let db = TestDb::new().await;
     let settings = settings_for(&db, &[("OPSGATE__WORKER__MAX_IN_FLIGHT", "4")]);
     let producer = Producer::new(&settings).await;
     let release_id = Uuid::new_v4();
-    create_release(&db, &producer, release_id).await;
+    producer.publish(&release_created(release_id, "v1")).await;
     let events = publish_checks(&producer, release_id, 600).await;
 
     let mut child = spawn_worker(&settings);
@@ -116,7 +79,7 @@ async fn sigterm_with_messages_in_flight_exits_0_and_loses_nothing() {
         SECS_20,
     )
     .await;
-    assert_each_applied_once(&db, &events).await;
+    assert_checks_applied_once(&db.pool, events.len()).await;
     worker.stop().await;
     producer.finish().await;
 }
@@ -127,7 +90,7 @@ async fn a_worker_killed_mid_flow_leaves_exactly_one_effect_per_event() {
     let settings = settings_for(&db, &[]);
     let producer = Producer::new(&settings).await;
     let release_id = Uuid::new_v4();
-    create_release(&db, &producer, release_id).await;
+    producer.publish(&release_created(release_id, "v1")).await;
     let events = publish_checks(&producer, release_id, 600).await;
 
     let mut child = spawn_worker(&settings);
@@ -145,7 +108,7 @@ async fn a_worker_killed_mid_flow_leaves_exactly_one_effect_per_event() {
     .await;
     // Let redeliveries of committed-but-unacked messages settle.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_each_applied_once(&db, &events).await;
+    assert_checks_applied_once(&db.pool, events.len()).await;
     let duplicates: i64 =
         sqlx::query_scalar("SELECT count(*) FROM ops.event_ingest_log WHERE processing_status = 'duplicate'")
             .fetch_one(&db.pool)

@@ -371,3 +371,42 @@ pub const SECS_20: Duration = Duration::from_secs(20);
 pub fn fresh_release() -> Uuid {
     Uuid::new_v4()
 }
+
+/// Publishes `n` distinct G1 check events for `release_id`: each applied
+/// once is one more gate_checks row.
+pub async fn publish_checks(producer: &Producer, release_id: Uuid, n: usize) -> Vec<Value> {
+    let events: Vec<Value> = (0..n)
+        .map(|i| {
+            envelope(
+                "check_result",
+                release_id,
+                Some("G1"),
+                json!({"check_name": format!("check_{i}"), "status": "pass"}),
+            )
+        })
+        .collect();
+    for event in &events {
+        producer.publish(event).await;
+    }
+    events
+}
+
+/// Every one of `n` check events was accepted once and left exactly one row.
+pub async fn assert_checks_applied_once(pool: &PgPool, n: usize) {
+    let checks: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.gate_checks")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let accepted: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT idempotency_key) FROM ops.event_ingest_log
+         WHERE processing_status = 'accepted' AND event_type = 'check_result'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (checks, accepted),
+        (n as i64, n as i64),
+        "every event applied exactly once"
+    );
+}
