@@ -97,7 +97,26 @@ async fn rabbitmq_restarted_while_messages_flow() {
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(processed_during, 1500, "the worker recovered by itself");
+    if processed_during != 1500 {
+        let ledger: Vec<(String, i16, i64)> = sqlx::query_as(
+            "SELECT processing_status::text, response_code, count(*) FROM ops.event_ingest_log GROUP BY 1, 2",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        let queues = Command::new("rabbitmqctl")
+            .args(["list_queues", "name", "messages_ready", "messages_unacknowledged"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let ours: Vec<&str> = queues
+            .lines()
+            .filter(|l| l.contains(&settings.amqp.namespace))
+            .collect();
+        panic!(
+            "the worker did not recover by itself: {processed_during} of 1500 processed; ledger {ledger:?}; queues {ours:?}"
+        );
+    }
 
     // And it keeps consuming new messages after the restart.
     let producer = Producer::new(&settings).await;

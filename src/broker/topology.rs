@@ -2,8 +2,9 @@
 //!
 //! Flow: producers publish to the topic exchange `<ns>`, which routes
 //! everything (`#`) to the quorum queue `<ns>.ingest`. A message to retry is
-//! published to `<ns>.retry.<delay>`, a classic queue whose TTL expires it
-//! back into the ingest queue through the default exchange. Messages rejected
+//! published to `<ns>.retry.<delay>`, a quorum queue whose TTL expires it
+//! back into the ingest queue through the default exchange (dead-lettered at
+//! least once, so a broker restart cannot drop it on the way). Messages rejected
 //! without requeue, or redelivered more than `delivery_limit` times, go to the
 //! fanout exchange `<ns>.dlx` and from there to the quorum queue `<ns>.dead`.
 
@@ -85,6 +86,7 @@ impl Topology {
             "x-dead-letter-exchange".into(),
             long_string(&self.dead_letter_exchange),
         );
+        at_least_once_dead_lettering(&mut ingest_args);
         declare_queue(channel, &self.ingest_queue, ingest_args).await?;
         bind_queue(channel, &self.ingest_queue, &self.exchange, "#").await?;
 
@@ -92,10 +94,12 @@ impl Topology {
         bind_queue(channel, &self.dead_queue, &self.dead_letter_exchange, "").await?;
 
         for (queue, delay) in self.retry_queues() {
-            let mut args = FieldTable::default();
-            // Explicit, so a vhost whose default queue type is quorum still
-            // gets the cheap classic queue a pure delay line needs.
-            args.insert("x-queue-type".into(), long_string("classic"));
+            // Quorum with at-least-once dead-lettering: a message whose delay
+            // runs out while the broker restarts, or while the ingest queue is
+            // briefly unavailable, is kept until it can move, never dropped
+            // (classic queues dead-letter at most once).
+            let mut args = quorum_args();
+            at_least_once_dead_lettering(&mut args);
             args.insert(
                 "x-message-ttl".into(),
                 AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
@@ -161,6 +165,13 @@ impl Topology {
                 source,
             })
     }
+}
+
+/// RabbitMQ 3.10+: a quorum queue hands its dead letters over only once the
+/// target confirmed them (this needs the reject-publish overflow mode).
+fn at_least_once_dead_lettering(args: &mut FieldTable) {
+    args.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
+    args.insert("x-overflow".into(), long_string("reject-publish"));
 }
 
 /// `1s`, `30s`, `2m`, `1h`, or `750ms` when not a whole second.
