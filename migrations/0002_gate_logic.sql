@@ -533,7 +533,8 @@ BEGIN
             RAISE EXCEPTION '% cannot be created as passed: gates start pending and pass from their facts',
                 ops.gate_label(NEW.gate_code) USING ERRCODE = 'check_violation';
         END IF;
-        SELECT * INTO ev FROM ops.evaluate_gate(NEW.gate_id);
+        -- Required gates are read as stored: they passed this same guard.
+        SELECT * INTO ev FROM ops.evaluate_gate(NEW.gate_id, now(), true);
         IF ev.own_status <> 'passed' THEN
             SELECT string_agg(req ->> 'detail', '; ') INTO unmet
             FROM jsonb_array_elements(ev.explanation -> 'requirements') req
@@ -638,11 +639,12 @@ BEGIN
         ELSIF TG_TABLE_NAME = 'exceptions' THEN
             gates := OLD.impacted_gates;
         ELSIF TG_TABLE_NAME = 'evidence_artifacts' THEN
-            -- The gates whose policy asks for evidence, and the gate it is attached to.
+            -- The gates whose policy asks for this type of evidence, and the gate it is attached to.
             SELECT array_agg(p.gate_code) INTO gates
             FROM ops.gate_policies p JOIN ops.releases r ON r.environment_target = p.environment
             WHERE r.release_id = ANY (affected)
-              AND (cardinality(p.evidence_any_of) > 0 OR cardinality(p.evidence_all_of) > 0);
+              AND (CASE WHEN TG_OP <> 'DELETE' THEN NEW.artifact_type END = ANY (p.evidence_any_of || p.evidence_all_of)
+                   OR CASE WHEN TG_OP <> 'INSERT' THEN OLD.artifact_type END = ANY (p.evidence_any_of || p.evidence_all_of));
             gates := coalesce(gates, '{}') || ARRAY(
                 SELECT g.gate_code FROM ops.release_gates g
                 WHERE g.gate_id IN (CASE WHEN TG_OP <> 'DELETE' THEN NEW.gate_id END,
@@ -715,7 +717,9 @@ BEGIN
     END;
     FOREACH code IN ARRAY needed LOOP
         SELECT e.* INTO ev
-        FROM ops.release_gates g, ops.evaluate_gate(g.gate_id, p_now) e
+        -- Each needed gate is evaluated now; a gate's own requirements are read
+        -- as stored, since every needed gate is checked here in its own right.
+        FROM ops.release_gates g, ops.evaluate_gate(g.gate_id, p_now, true) e
         WHERE g.release_id = p_release_id AND g.gate_code = code;
         IF NOT FOUND THEN
             RETURN NEXT format('%s: gate missing', ops.gate_label(code));
