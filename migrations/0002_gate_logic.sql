@@ -80,19 +80,26 @@ AS $$
     END
 $$;
 
+-- (Hot helpers are PL/pgSQL rather than SQL functions: PL/pgSQL keeps its
+-- query plans for the session, a non-inlined SQL function re-plans per query.)
+
 -- When the release first reached its target (its first succeeded deployment
 -- there was recorded), or NULL. A bypass that was valid then stays on record
 -- afterwards. The database's own created_at counts, not the producer's
 -- deployed_at, so a backdated deployment cannot revive an expired exception.
 CREATE FUNCTION ops.release_promoted_at(p_release_id uuid) RETURNS timestamptz
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-    SELECT min(d.created_at)
-    FROM ops.deployments d
-    JOIN ops.releases r ON r.release_id = d.release_id
-    WHERE d.release_id = p_release_id
-      AND d.environment = r.environment_target
-      AND d.status IN ('succeeded', 'rolled_back')
+BEGIN
+    RETURN (
+        SELECT min(d.created_at)
+        FROM ops.deployments d
+        JOIN ops.releases r ON r.release_id = d.release_id
+        WHERE d.release_id = p_release_id
+          AND d.environment = r.environment_target
+          AND d.status IN ('succeeded', 'rolled_back')
+    );
+END
 $$;
 
 -- An exception authorizes at p_at when effective_from <= p_at < expires_at
@@ -107,21 +114,32 @@ $$;
 -- active now, or active when the release was promoted.
 CREATE FUNCTION ops.bypassing_exception(p_release_id uuid, p_gate_code ops.ops_gate_code, p_now timestamptz)
 RETURNS ops.exceptions
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-    SELECT e.*
+DECLARE
+    chosen   ops.exceptions;
+    promoted timestamptz;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM ops.exceptions e
+                   WHERE e.release_id = p_release_id AND p_gate_code = ANY (e.impacted_gates)) THEN
+        RETURN NULL;
+    END IF;
+    promoted := ops.release_promoted_at(p_release_id);
+    SELECT e.* INTO chosen
     FROM ops.exceptions e
     WHERE e.release_id = p_release_id
       AND p_gate_code = ANY (e.impacted_gates)
       AND (
           ops.exception_active(e, p_now)
-          OR (ops.release_promoted_at(p_release_id) IS NOT NULL
-              AND e.effective_from <= ops.release_promoted_at(p_release_id)
-              AND ops.release_promoted_at(p_release_id) < e.expires_at
-              AND (e.expired_at IS NULL OR ops.release_promoted_at(p_release_id) < e.expired_at))
+          OR (promoted IS NOT NULL
+              AND e.effective_from <= promoted
+              AND promoted < e.expires_at
+              AND (e.expired_at IS NULL OR promoted < e.expired_at))
       )
     ORDER BY e.expires_at DESC, e.exception_id
-    LIMIT 1
+    LIMIT 1;
+    RETURN chosen;
+END
 $$;
 
 -- ---------------------------------------------------------------------------
@@ -410,32 +428,36 @@ $$;
 -- Writing the derived state
 -- ---------------------------------------------------------------------------
 CREATE FUNCTION ops.derive_release_status(p_release_id uuid) RETURNS ops.ops_release_status
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-    SELECT CASE
-        WHEN EXISTS (
-            SELECT 1 FROM ops.deployments d
-            WHERE d.release_id = r.release_id AND d.environment = r.environment_target AND d.status = 'rolled_back'
-        ) OR EXISTS (
-            SELECT 1 FROM ops.deployments d
-            JOIN ops.deployments rb ON rb.rollback_of = d.deployment_id
-            WHERE d.release_id = r.release_id AND d.environment = r.environment_target AND rb.status = 'succeeded'
-        ) THEN 'rolled_back'
-        WHEN EXISTS (
-            SELECT 1 FROM ops.deployments d
-            WHERE d.release_id = r.release_id AND d.environment = r.environment_target AND d.status = 'succeeded'
-        ) THEN 'promoted'
-        WHEN EXISTS (
-            SELECT 1 FROM ops.release_gates g WHERE g.release_id = r.release_id AND g.status = 'failed'
-        ) THEN 'failed'
-        WHEN EXISTS (
-            SELECT 1 FROM ops.release_gates g WHERE g.release_id = r.release_id AND g.status <> 'pending'
-        ) OR EXISTS (SELECT 1 FROM ops.deployments d WHERE d.release_id = r.release_id)
-        THEN 'in_progress'
-        ELSE 'draft'
-    END::ops.ops_release_status
-    FROM ops.releases r
-    WHERE r.release_id = p_release_id
+BEGIN
+    RETURN (
+        SELECT CASE
+            WHEN EXISTS (
+                SELECT 1 FROM ops.deployments d
+                WHERE d.release_id = r.release_id AND d.environment = r.environment_target AND d.status = 'rolled_back'
+            ) OR EXISTS (
+                SELECT 1 FROM ops.deployments d
+                JOIN ops.deployments rb ON rb.rollback_of = d.deployment_id
+                WHERE d.release_id = r.release_id AND d.environment = r.environment_target AND rb.status = 'succeeded'
+            ) THEN 'rolled_back'
+            WHEN EXISTS (
+                SELECT 1 FROM ops.deployments d
+                WHERE d.release_id = r.release_id AND d.environment = r.environment_target AND d.status = 'succeeded'
+            ) THEN 'promoted'
+            WHEN EXISTS (
+                SELECT 1 FROM ops.release_gates g WHERE g.release_id = r.release_id AND g.status = 'failed'
+            ) THEN 'failed'
+            WHEN EXISTS (
+                SELECT 1 FROM ops.release_gates g WHERE g.release_id = r.release_id AND g.status <> 'pending'
+            ) OR EXISTS (SELECT 1 FROM ops.deployments d WHERE d.release_id = r.release_id)
+            THEN 'in_progress'
+            ELSE 'draft'
+        END::ops.ops_release_status
+        FROM ops.releases r
+        WHERE r.release_id = p_release_id
+    );
+END
 $$;
 
 -- Re-derives the gates in p_gates (all when NULL) and the gates that require
