@@ -222,7 +222,17 @@ fn rss_kib(pid: u32, field: &str) -> Option<u64> {
         .and_then(|kib| kib.parse().ok())
 }
 
+/// Ledger rows written so far. The statistics counter is cheap to poll (a
+/// count(*) over a growing ledger would load the database being measured);
+/// it may lag or count rolled-back rows, so the end is confirmed by `exact`.
 async fn processed(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT n_tup_ins FROM pg_stat_user_tables WHERE relid = 'ops.event_ingest_log'::regclass")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
+
+async fn exact(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM ops.event_ingest_log")
         .fetch_one(pool)
         .await
@@ -309,7 +319,7 @@ async fn main() {
         let done = processed(&pool).await;
         let rss = rss_kib(pid, "VmRSS:").unwrap_or(0);
         samples.push((drain_started.elapsed().as_secs_f64(), done, rss));
-        if done >= bodies.len() as i64 {
+        if done >= bodies.len() as i64 && exact(&pool).await >= bodies.len() as i64 {
             break;
         }
         if let Ok(Some(status)) = worker.try_wait() {

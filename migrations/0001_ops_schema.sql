@@ -147,6 +147,8 @@ CREATE TABLE ops.deployments (
 );
 CREATE INDEX deployments_release_idx ON ops.deployments (release_id, environment);
 CREATE INDEX deployments_rollback_of_idx ON ops.deployments (rollback_of) WHERE rollback_of IS NOT NULL;
+-- Linear promotion asks whether a source_ref succeeded in staging.
+CREATE INDEX deployments_source_ref_idx ON ops.deployments (source_ref, environment) WHERE status = 'succeeded';
 
 -- ---------------------------------------------------------------------------
 -- FR-3 gate_checks
