@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::environment::{not_blank, one_of};
+use super::validate::{not_blank, one_of};
 use super::{DbContext, HandlerError, existing_release, gate_id, gate_status, payload, required_gate};
 use crate::envelope::Envelope;
 

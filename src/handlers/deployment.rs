@@ -11,7 +11,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::build::{check_status, insert_check};
-use super::environment::{not_blank, not_blank_if_given, one_of};
+use super::validate::{not_blank, not_blank_if_given, one_of};
 use super::{DbContext, HandlerError, existing_release, gate_id, gate_status, payload};
 use crate::envelope::{Envelope, GateCode};
 

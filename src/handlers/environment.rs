@@ -1,59 +1,14 @@
 //! `environment_event`: one row of the append-only `ops.environment_events`
-//! log. Also the small validations the other handlers share (closed
-//! vocabularies, non-blank text, object-shaped JSON).
+//! log.
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::validate::{ENVIRONMENTS, not_blank, one_of};
 use super::{DbContext, HandlerError, existing_release, payload};
 use crate::envelope::Envelope;
-
-/// The values of `ops.ops_environment`.
-pub(crate) const ENVIRONMENTS: &[&str] = &["dev", "staging", "production"];
-
-/// A 400 naming `field` unless `value` is one of `allowed`.
-pub(crate) fn one_of(field: &str, value: &str, allowed: &[&str]) -> Result<(), HandlerError> {
-    if allowed.contains(&value) {
-        Ok(())
-    } else {
-        Err(HandlerError::bad_request(format!(
-            "{field} {value:?} is not one of {}",
-            allowed.join(", ")
-        )))
-    }
-}
-
-/// A 400 naming `field` when `value` is empty or only whitespace.
-pub(crate) fn not_blank(field: &str, value: &str) -> Result<(), HandlerError> {
-    if value.trim().is_empty() {
-        Err(HandlerError::bad_request(format!("{field} must not be blank")))
-    } else {
-        Ok(())
-    }
-}
-
-/// Like [`not_blank`], for an optional field: absent is fine, blank is not.
-pub(crate) fn not_blank_if_given(field: &str, value: Option<&str>) -> Result<(), HandlerError> {
-    value.map_or(Ok(()), |value| not_blank(field, value))
-}
-
-/// A 400 naming `field` unless `value` is 64 hex characters (a SHA-256).
-pub(crate) fn sha256(field: &str, value: Option<&str>) -> Result<(), HandlerError> {
-    match value {
-        Some(hash) if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) => Err(
-            HandlerError::bad_request(format!("{field} {hash:?} is not a SHA-256 (64 hex characters)")),
-        ),
-        _ => Ok(()),
-    }
-}
-
-/// The id a producer did not choose: a UUIDv5 of the envelope's idempotency
-/// key (namespace OID), so every retry of the event names the same record.
-pub(crate) fn key_uuid(envelope: &Envelope) -> Uuid {
-    Uuid::new_v5(&Uuid::NAMESPACE_OID, envelope.idempotency_key.as_bytes())
-}
 
 /// Payload of `environment_event` (no gate; the release is the envelope's).
 #[derive(Debug, Deserialize)]

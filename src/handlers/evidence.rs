@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::environment::{ENVIRONMENTS, not_blank, one_of, sha256};
+use super::validate::{ENVIRONMENTS, not_blank, one_of, sha256};
 use super::{DbContext, HandlerError, existing_release, gate_id, gate_status, payload};
 use crate::envelope::Envelope;
 

@@ -9,7 +9,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::approval::PERSONA_ROLES;
-use super::environment::{key_uuid, not_blank, one_of};
+use super::validate::{key_uuid, not_blank, one_of};
 use super::{DbContext, HandlerError, existing_release, payload};
 use crate::envelope::Envelope;
 

@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::environment::{ENVIRONMENTS, key_uuid, not_blank, not_blank_if_given, one_of, sha256};
+use super::validate::{ENVIRONMENTS, key_uuid, not_blank, not_blank_if_given, one_of, sha256};
 use super::{DbContext, HandlerError, existing_release, payload};
 use crate::envelope::Envelope;
 

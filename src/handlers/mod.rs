@@ -18,6 +18,7 @@ mod evidence;
 mod exception;
 mod incident;
 mod release;
+mod validate;
 
 /// Why a handler did not apply an event.
 #[derive(Debug, thiserror::Error)]
