@@ -66,12 +66,19 @@ fn tcp_open(port: u16) -> bool {
     std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
 }
 
-#[tokio::test]
-async fn rabbitmq_restarted_while_messages_flow() {
-    let _serial = SERIAL.lock().await;
-    let db = TestDb::new().await;
+/// A slow worker (two messages at a time) with a backlog of 1,500 checks of
+/// one release, already processing: the service goes away mid-flow.
+struct Flow {
+    settings: opsgate::config::Settings,
+    producer: Producer,
+    release_id: Uuid,
+    events: Vec<serde_json::Value>,
+    worker: RunningWorker,
+}
+
+async fn start_flow(db: &TestDb) -> Flow {
     let settings = settings_for(
-        &db,
+        db,
         &[
             ("OPSGATE__WORKER__MAX_IN_FLIGHT", "2"),
             ("OPSGATE__AMQP__PREFETCH", "4"),
@@ -83,6 +90,27 @@ async fn rabbitmq_restarted_while_messages_flow() {
     let events = publish_checks(&producer, release_id, 1500).await;
     let worker = start_worker(&settings);
     wait_for_count(&db.pool, "SELECT count(*) FROM ops.gate_checks", 20, SECS_20).await;
+    Flow {
+        settings,
+        producer,
+        release_id,
+        events,
+        worker,
+    }
+}
+
+#[tokio::test]
+async fn rabbitmq_restarted_while_messages_flow() {
+    let _serial = SERIAL.lock().await;
+    let db = TestDb::new().await;
+    // The first producer's connection dies with the broker; a new one follows.
+    let Flow {
+        settings,
+        producer: _,
+        release_id,
+        events,
+        worker,
+    } = start_flow(&db).await;
 
     {
         let _restart = Restart(start_rabbitmq);
@@ -131,19 +159,12 @@ async fn rabbitmq_restarted_while_messages_flow() {
 async fn postgresql_restarted_while_messages_flow() {
     let _serial = SERIAL.lock().await;
     let db = TestDb::new().await;
-    let settings = settings_for(
-        &db,
-        &[
-            ("OPSGATE__WORKER__MAX_IN_FLIGHT", "2"),
-            ("OPSGATE__AMQP__PREFETCH", "4"),
-        ],
-    );
-    let producer = Producer::new(&settings).await;
-    let release_id = Uuid::new_v4();
-    producer.publish(&release_created(release_id, "v1")).await;
-    let events = publish_checks(&producer, release_id, 1500).await;
-    let worker = start_worker(&settings);
-    wait_for_count(&db.pool, "SELECT count(*) FROM ops.gate_checks", 20, SECS_20).await;
+    let Flow {
+        producer,
+        events,
+        worker,
+        ..
+    } = start_flow(&db).await;
 
     {
         let _restart = Restart(start_postgres);
