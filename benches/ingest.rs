@@ -1,7 +1,7 @@
 //! End-to-end ingest benchmark: the real `opsgate worker` binary against the
 //! real RabbitMQ and PostgreSQL on this machine.
 //!
-//!   cargo bench --bench ingest -- [--events N] [--rate R] [--seconds S]
+//!   cargo bench --bench ingest -- [--events N] [--rate R] [--seconds S] [--keep-database]
 //!
 //! Phase 1 (throughput, memory): preloads N envelopes (a realistic mix of
 //! event types over many releases, 10% of them duplicates) into the ingest
@@ -31,6 +31,8 @@ struct Args {
     events: usize,
     rate: u64,
     seconds: u64,
+    /// Leave the database behind for inspection (its name is printed).
+    keep_database: bool,
 }
 
 fn args() -> Args {
@@ -38,6 +40,7 @@ fn args() -> Args {
         events: 50_000,
         rate: 1_000,
         seconds: 10,
+        keep_database: false,
     };
     let raw: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -47,6 +50,7 @@ fn args() -> Args {
             ("--events", Some(v)) => args.events = v as usize,
             ("--rate", Some(v)) => args.rate = v,
             ("--seconds", Some(v)) => args.seconds = v,
+            ("--keep-database", _) => args.keep_database = true,
             _ => {}
         }
         i += 1;
@@ -495,7 +499,9 @@ async fn main() {
     let _ = worker.wait();
     let _ = topology.delete(&channel).await;
     pool.close().await;
-    if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&server_url()).await {
+    if args.keep_database {
+        println!("  database kept: {name}");
+    } else if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&server_url()).await {
         let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
         )))
