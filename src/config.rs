@@ -140,6 +140,9 @@ pub struct Settings {
 pub struct WorkerSettings {
     /// Messages processed at once by one worker process.
     pub max_in_flight: usize,
+    /// Most deliveries applied in one database transaction (those already
+    /// received when a slot frees up; a batch never waits to fill).
+    pub batch_size: usize,
     /// Bodies larger than this are rejected with 413.
     pub max_body_bytes: usize,
     /// On SIGTERM, how long in-flight messages may take before the worker exits.
@@ -367,6 +370,7 @@ impl Settings {
         }
 
         positive("worker.max_in_flight", self.worker.max_in_flight as u64)?;
+        positive("worker.batch_size", self.worker.batch_size as u64)?;
         positive("worker.max_body_bytes", self.worker.max_body_bytes as u64)?;
         positive("worker.shutdown_timeout_secs", self.worker.shutdown_timeout_secs)?;
         positive("worker.database_retry_max_ms", self.worker.database_retry_max_ms)?;

@@ -2,10 +2,18 @@
 //! envelope, claim its idempotency key in the ledger, apply the handler and
 //! store the result in one transaction. What happens to the message next
 //! (ack, retry, dead-letter) is decided here and carried out by the consumer.
+//!
+//! Several deliveries that are ready together are applied in one transaction
+//! (`process_batch`): one commit, one lock statement and one pooled
+//! connection for all of them. When any of them does not simply succeed, the
+//! whole transaction is rolled back and each delivery goes through `process`
+//! alone, so every failure is classified, recorded and answered exactly as
+//! for a single message.
 
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
 
 use crate::envelope::{self, Envelope, Partial};
 use crate::handlers::{self, HandlerError};
@@ -183,6 +191,121 @@ pub async fn process(
     Ok(failed(&failure, next))
 }
 
+/// One delivery to process: its body, its attempt number (from 1) and
+/// whether a transient failure may still be retried.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt<'a> {
+    pub body: &'a [u8],
+    pub attempt: u32,
+    pub retries_left: bool,
+}
+
+/// Processes `attempts` and returns their outcomes in the same order. The
+/// envelopes that parse are applied together in one transaction; if any of
+/// them fails there, nothing of that transaction stays and each delivery is
+/// processed alone instead.
+pub async fn process_batch(
+    pool: &PgPool,
+    attempts: &[Attempt<'_>],
+    options: &IngestOptions,
+) -> Result<Vec<Outcome>, DatabaseUnavailable> {
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; attempts.len()];
+    let parsed: Vec<(usize, Envelope)> = attempts
+        .iter()
+        .enumerate()
+        .filter_map(|(index, attempt)| {
+            envelope::parse(attempt.body, options.max_body_bytes)
+                .ok()
+                .map(|envelope| (index, envelope))
+        })
+        .collect();
+    if parsed.len() > 1 {
+        match apply_together(pool, &parsed, attempts, &options.writer).await {
+            Ok(applied) => {
+                for ((index, envelope), applied) in parsed.iter().zip(applied) {
+                    outcomes[*index] = Some(match applied {
+                        Settled::Accepted(result) => success(envelope, Status::Accepted, result),
+                        Settled::Duplicate(result) => success(envelope, Status::Duplicate, result),
+                    });
+                }
+            }
+            Err(Together::Unavailable(error)) => return Err(DatabaseUnavailable(error)),
+            Err(Together::Singly(reason)) => {
+                tracing::debug!(%reason, deliveries = parsed.len(),
+                    "a delivery of the batch did not simply succeed; processing them one by one");
+            }
+        }
+    }
+    let mut done = Vec::with_capacity(attempts.len());
+    for (attempt, outcome) in attempts.iter().zip(outcomes) {
+        done.push(match outcome {
+            Some(outcome) => outcome,
+            None => process(pool, attempt.body, attempt.attempt, attempt.retries_left, options).await?,
+        });
+    }
+    Ok(done)
+}
+
+/// What a delivery of a successful shared transaction became.
+enum Settled {
+    Accepted(Value),
+    Duplicate(Value),
+}
+
+/// Why the shared transaction was given up.
+enum Together {
+    Unavailable(sqlx::Error),
+    /// Any other failure: process each delivery alone; the reason is logged.
+    Singly(String),
+}
+
+impl From<sqlx::Error> for Together {
+    fn from(error: sqlx::Error) -> Self {
+        match classify(&error) {
+            Fault::Unavailable => Together::Unavailable(error),
+            _ => Together::Singly(error.to_string()),
+        }
+    }
+}
+
+/// Every envelope of `parsed` applied in one transaction, or none of them.
+async fn apply_together(
+    pool: &PgPool,
+    parsed: &[(usize, Envelope)],
+    attempts: &[Attempt<'_>],
+    writer: &str,
+) -> Result<Vec<Settled>, Together> {
+    let mut tx = pool.begin().await?;
+    let releases: Vec<Uuid> = parsed.iter().map(|(_, envelope)| envelope.release_id).collect();
+    lock_releases(&mut tx, &releases).await?;
+    let mut settled = Vec::with_capacity(parsed.len());
+    for (index, envelope) in parsed {
+        let payload_hash = envelope.payload_hash();
+        let attempt = attempts[*index].attempt;
+        match ledger::try_processing(&mut tx, envelope, &payload_hash, attempt, writer).await? {
+            NextAction::StartProcessing { ingest_id } => {
+                let handled = match handlers::dispatch(&mut tx, envelope).await {
+                    Ok(handled) => handled,
+                    Err(HandlerError::Database { source, .. }) => return Err(source.into()),
+                    Err(error) => return Err(Together::Singly(error.to_string())),
+                };
+                let result =
+                    ledger::save_result(&mut tx, ingest_id, &handled.result, handled.gate_status_of).await?;
+                settled.push(Settled::Accepted(result));
+            }
+            NextAction::ReturnSavedResult { result } => settled.push(Settled::Duplicate(result)),
+            NextAction::KeyReused { .. } => {
+                return Err(Together::Singly(format!(
+                    "idempotency key {:?} reused",
+                    envelope.idempotency_key
+                )));
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(settled)
+}
+
 enum Applied {
     Accepted(Value),
     Duplicate(Value),
@@ -199,14 +322,16 @@ async fn apply(
 ) -> Result<Applied, HandlerError> {
     use crate::handlers::DbContext;
     let mut tx = pool.begin().await.db("begin the ingest transaction")?;
-    lock_release(&mut tx, envelope).await.db("lock the release")?;
+    lock_releases(&mut tx, &[envelope.release_id])
+        .await
+        .db("lock the release")?;
     let applied = match ledger::try_processing(&mut tx, envelope, payload_hash, attempt, writer)
         .await
         .db("claim the idempotency key")?
     {
         NextAction::StartProcessing { ingest_id } => {
-            let result = handlers::dispatch(&mut tx, envelope).await?;
-            ledger::save_result(&mut tx, ingest_id, &result)
+            let handled = handlers::dispatch(&mut tx, envelope).await?;
+            let result = ledger::save_result(&mut tx, ingest_id, &handled.result, handled.gate_status_of)
                 .await
                 .db("store the result")?;
             Applied::Accepted(result)
@@ -219,12 +344,18 @@ async fn apply(
 }
 
 /// Two messages of one release never interleave their writes, across any
-/// number of workers: a transaction-scoped advisory lock on the release id.
-async fn lock_release(conn: &mut PgConnection, envelope: &Envelope) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
-        .bind(envelope.release_id)
-        .execute(conn)
-        .await?;
+/// number of workers: a transaction-scoped advisory lock on each release id.
+/// All of a transaction's locks are taken at its start and in one order, so
+/// two transactions never wait on each other's release locks in a cycle.
+async fn lock_releases(conn: &mut PgConnection, releases: &[Uuid]) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(key)
+         FROM (SELECT DISTINCT hashtextextended(id::text, 0) AS key FROM unnest($1::uuid[]) AS id
+               ORDER BY key) AS keys",
+    )
+    .bind(releases)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

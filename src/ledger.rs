@@ -83,18 +83,30 @@ pub async fn try_processing(
     Ok(NextAction::ReturnSavedResult { result })
 }
 
-/// Stores the handler's result on the accepted row, in the claiming transaction.
+/// Stores the handler's result on the accepted row, in the claiming
+/// transaction, and returns it as stored. With `gate_status_of`, the result
+/// gets that gate's `gate_status` as derived at this point (after every
+/// write of the event), read in the same statement.
 pub async fn save_result(
     conn: &mut PgConnection,
     ingest_id: Uuid,
     result: &Value,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE ops.event_ingest_log SET result = $2 WHERE ingest_id = $1")
-        .bind(ingest_id)
-        .bind(result)
-        .execute(conn)
-        .await?;
-    Ok(())
+    gate_status_of: Option<Uuid>,
+) -> Result<Value, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE ops.event_ingest_log
+         SET result = CASE WHEN $3::uuid IS NULL THEN $2
+                           ELSE $2 || jsonb_build_object('gate_status',
+                                (SELECT status::text FROM ops.release_gates WHERE gate_id = $3))
+                      END
+         WHERE ingest_id = $1
+         RETURNING result",
+    )
+    .bind(ingest_id)
+    .bind(result)
+    .bind(gate_status_of)
+    .fetch_one(conn)
+    .await
 }
 
 /// A failed attempt: `rejected` (permanent) or `error` (transient).

@@ -9,6 +9,7 @@ use common::TestDb;
 use common::seed::{self, Ts};
 use opsgate::envelope::Envelope;
 use opsgate::handlers::{HandlerError, dispatch};
+use opsgate::ledger::{self, NextAction};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -41,14 +42,25 @@ fn envelope(event_type: &str, release_id: Uuid, gate_code: Option<&str>, payload
     envelope_at(event_type, release_id, gate_code, payload, seed::now())
 }
 
-/// Dispatches in a transaction of its own, committed when the handler succeeds.
+/// Dispatches in a transaction of its own, committed when the handler
+/// succeeds, and returns the result as the ledger stores it (which adds the
+/// reported gate's derived status).
 async fn apply(db: &TestDb, envelope: &Envelope) -> Result<Value, HandlerError> {
     let mut tx = db.pool.begin().await.unwrap();
-    let result = dispatch(&mut tx, envelope).await;
-    if result.is_ok() {
-        tx.commit().await.unwrap();
-    }
-    result
+    let hash = envelope.payload_hash();
+    let NextAction::StartProcessing { ingest_id } =
+        ledger::try_processing(&mut tx, envelope, &hash, 1, "test")
+            .await
+            .unwrap()
+    else {
+        panic!("the key of {} was claimed before", envelope.idempotency_key);
+    };
+    let handled = dispatch(&mut tx, envelope).await?;
+    let result = ledger::save_result(&mut tx, ingest_id, &handled.result, handled.gate_status_of)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    Ok(result)
 }
 
 async fn ok(db: &TestDb, event_type: &str, release_id: Uuid, gate: Option<&str>, payload: Value) -> Value {

@@ -605,3 +605,41 @@ async fn a_message_committed_but_never_acked_is_a_duplicate_when_redelivered() {
     worker.stop().await;
     producer.finish().await;
 }
+
+#[tokio::test]
+async fn deliveries_already_queued_are_applied_in_batches_of_at_most_batch_size() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[("OPSGATE__WORKER__BATCH_SIZE", "4")]);
+    let producer = Producer::new(&settings).await;
+    for n in 0..40 {
+        producer
+            .publish(&release_created(fresh_release(), &format!("v{n}")))
+            .await;
+    }
+    let worker = start_worker(&settings);
+    let done = wait_for_count(
+        &db.pool,
+        "SELECT count(*) FROM ops.event_ingest_log WHERE processing_status = 'accepted'",
+        40,
+        SECS_20,
+    )
+    .await;
+    assert_eq!(done, 40);
+    // Ledger rows written by one transaction share their xmin.
+    let sizes: Vec<i64> =
+        sqlx::query_scalar("SELECT count(*) FROM ops.event_ingest_log GROUP BY xmin::text ORDER BY 1 DESC")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        sizes[0] > 1,
+        "a backlog is applied several messages per transaction: {sizes:?}"
+    );
+    assert!(
+        sizes[0] <= 4,
+        "never more than worker.batch_size per transaction: {sizes:?}"
+    );
+    assert_eq!(release_count(&db).await, 40);
+    worker.stop().await;
+    producer.finish().await;
+}

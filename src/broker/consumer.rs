@@ -1,6 +1,7 @@
 //! The consume loop: a bounded number of messages in flight (a semaphore and
-//! a JoinSet), each processed against PostgreSQL, answered when it asks for a
-//! reply, then retried, dead-lettered or acked. A retry or dead letter is
+//! a JoinSet), processed against PostgreSQL in batches of those already
+//! received, each answered when it asks for a reply, then retried,
+//! dead-lettered or acked. A retry or dead letter is
 //! published with a confirm before the original is acked, so nothing is lost
 //! between the two.
 
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
 };
@@ -41,6 +42,8 @@ pub struct ConsumerContext {
     pub ingest: IngestOptions,
     pub prefetch: u16,
     pub max_in_flight: usize,
+    /// Most deliveries applied in one transaction.
+    pub batch_size: usize,
     pub confirm_timeout: Duration,
     /// Each retry delay is shortened by up to this fraction at random.
     pub jitter: f64,
@@ -94,7 +97,7 @@ pub async fn consume(
         while let Some(finished) = tasks.try_join_next() {
             report_panic(finished);
         }
-        let permit = tokio::select! {
+        let mut permit = tokio::select! {
             () = cancel.cancelled() => break SessionEnd::Cancelled,
             permit = slots.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
@@ -105,18 +108,44 @@ pub async fn consume(
             () = cancel.cancelled() => break SessionEnd::Cancelled,
             next = consumer.next() => next,
         };
-        match next {
-            Some(Ok(delivery)) => {
-                let context = context.clone();
-                let publisher = publisher.clone();
-                let cancel = cancel.clone();
-                tasks.spawn(async move {
-                    handle(delivery, &context, &publisher, &cancel).await;
-                    drop(permit);
-                });
-            }
+        let first = match next {
+            Some(Ok(delivery)) => delivery,
             Some(Err(error)) => break SessionEnd::Lost(error.to_string()),
             None => break SessionEnd::Lost("the consumer was cancelled by the broker".to_owned()),
+        };
+        // Whatever else has already arrived joins the batch, without waiting
+        // for more: a quiet queue still gets one-message batches at once.
+        let mut batch = vec![first];
+        let mut lost = None;
+        while batch.len() < context.batch_size {
+            let Ok(more) = slots.clone().try_acquire_owned() else {
+                break;
+            };
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(delivery))) => {
+                    permit.merge(more);
+                    batch.push(delivery);
+                }
+                Some(Some(Err(error))) => {
+                    lost = Some(error.to_string());
+                    break;
+                }
+                Some(None) => {
+                    lost = Some("the consumer was cancelled by the broker".to_owned());
+                    break;
+                }
+                None => break,
+            }
+        }
+        let context = context.clone();
+        let publisher = publisher.clone();
+        let cancel_batch = cancel.clone();
+        tasks.spawn(async move {
+            handle(batch, &context, &publisher, &cancel_batch).await;
+            drop(permit);
+        });
+        if let Some(reason) = lost {
+            break SessionEnd::Lost(reason);
         }
     };
 
@@ -155,33 +184,36 @@ fn report_panic(finished: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// Processes one delivery to the end: outcome, reply, disposition.
+/// Processes a batch of deliveries to the end: outcomes (one transaction
+/// when they all succeed), replies, dispositions.
 async fn handle(
-    delivery: lapin::message::Delivery,
+    deliveries: Vec<lapin::message::Delivery>,
     context: &ConsumerContext,
     publisher: &Publisher,
     cancel: &CancellationToken,
 ) {
-    let attempt = attempt_of(&delivery.properties);
-    let retries_left = usize::try_from(attempt).unwrap_or(usize::MAX) <= context.topology.retry_delays.len();
+    let attempts: Vec<ingest::Attempt<'_>> = deliveries
+        .iter()
+        .map(|delivery| {
+            let attempt = attempt_of(&delivery.properties);
+            ingest::Attempt {
+                body: &delivery.data,
+                attempt,
+                retries_left: usize::try_from(attempt).unwrap_or(usize::MAX)
+                    <= context.topology.retry_delays.len(),
+            }
+        })
+        .collect();
 
     let mut wait = Duration::from_millis(100);
-    let outcome = loop {
-        match ingest::process(
-            &context.pool,
-            &delivery.data,
-            attempt,
-            retries_left,
-            &context.ingest,
-        )
-        .await
-        {
-            Ok(outcome) => break outcome,
+    let outcomes = loop {
+        match ingest::process_batch(&context.pool, &attempts, &context.ingest).await {
+            Ok(outcomes) => break outcomes,
             Err(unavailable) => {
                 tracing::warn!(error = %unavailable, retry_in_ms = wait.as_millis() as u64,
-                    "holding the message until PostgreSQL answers");
+                    deliveries = deliveries.len(), "holding the message until PostgreSQL answers");
                 tokio::select! {
-                    // Leave it unacked: it is redelivered once the channel closes.
+                    // Leave them unacked: they are redelivered once the channel closes.
                     () = cancel.cancelled() => return,
                     () = tokio::time::sleep(wait) => {}
                 }
@@ -189,6 +221,19 @@ async fn handle(
             }
         }
     };
+    for ((delivery, attempt), outcome) in deliveries.iter().zip(&attempts).zip(outcomes) {
+        finish(delivery, attempt.attempt, outcome, context, publisher).await;
+    }
+}
+
+/// Logs, answers and disposes of one processed delivery.
+async fn finish(
+    delivery: &lapin::message::Delivery,
+    attempt: u32,
+    outcome: Outcome,
+    context: &ConsumerContext,
+    publisher: &Publisher,
+) {
     tracing::info!(
         status = ?outcome.status,
         code = outcome.code,
@@ -201,7 +246,7 @@ async fn handle(
     // A message on its way to a retry is not finished: the producer hears
     // the final outcome only.
     if outcome.next != Next::Retry {
-        reply(&delivery, &outcome, publisher).await;
+        reply(delivery, &outcome, publisher).await;
     }
 
     let forwarded = match outcome.next {

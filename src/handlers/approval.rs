@@ -9,7 +9,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::validate::{not_blank, one_of};
-use super::{DbContext, HandlerError, existing_release, gate_id, gate_status, payload, required_gate};
+use super::{DbContext, Handled, HandlerError, payload, release_gate, required_gate};
 use crate::envelope::Envelope;
 
 /// The values of `ops.ops_persona_role`.
@@ -39,14 +39,13 @@ pub struct GateSignoff {
     pub decided_at: Option<DateTime<Utc>>,
 }
 
-pub async fn gate_signoff(conn: &mut PgConnection, envelope: &Envelope) -> Result<Value, HandlerError> {
+pub async fn gate_signoff(conn: &mut PgConnection, envelope: &Envelope) -> Result<Handled, HandlerError> {
     let signoff: GateSignoff = payload(envelope)?;
     not_blank("approver_id", &signoff.approver_id)?;
     one_of("persona_role", &signoff.persona_role, PERSONA_ROLES)?;
     one_of("decision", &signoff.decision, DECISIONS)?;
     let gate_code = required_gate(envelope)?;
-    existing_release(conn, envelope.release_id).await?;
-    let gate = gate_id(conn, envelope.release_id, gate_code).await?;
+    let gate = release_gate(conn, envelope.release_id, gate_code).await?;
 
     let approval_id: Uuid = sqlx::query_scalar(
         "INSERT INTO ops.approvals (release_id, gate_id, approver_id, persona_role, decision, scope,
@@ -66,10 +65,12 @@ pub async fn gate_signoff(conn: &mut PgConnection, envelope: &Envelope) -> Resul
     .fetch_one(&mut *conn)
     .await
     .db("insert the approval")?;
-    Ok(json!({
-        "approval_id": approval_id,
-        "gate_code": gate_code,
-        "decision": signoff.decision,
-        "gate_status": gate_status(conn, gate).await?,
-    }))
+    Ok(Handled::reporting_gate(
+        json!({
+            "approval_id": approval_id,
+            "gate_code": gate_code,
+            "decision": signoff.decision,
+        }),
+        Some(gate),
+    ))
 }

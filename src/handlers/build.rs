@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{DbContext, HandlerError, existing_release, gate_id, gate_status, payload, required_gate};
+use super::{DbContext, Handled, HandlerError, payload, release_gate, required_gate};
 use crate::envelope::{Envelope, GateCode};
 
 /// Payload of `build_complete` (gate G1; the envelope's gate_code may be omitted).
@@ -103,14 +103,13 @@ pub(crate) async fn insert_check(
     .db("insert the check")
 }
 
-pub async fn build_complete(conn: &mut PgConnection, envelope: &Envelope) -> Result<Value, HandlerError> {
+pub async fn build_complete(conn: &mut PgConnection, envelope: &Envelope) -> Result<Handled, HandlerError> {
     let build: BuildComplete = payload(envelope)?;
     check_status(&build.status)?;
     if envelope.gate_code.is_some_and(|gate| gate != GateCode::G1) {
         return Err(HandlerError::bad_request("build_complete is a G1 event"));
     }
-    existing_release(conn, envelope.release_id).await?;
-    let gate = gate_id(conn, envelope.release_id, GateCode::G1).await?;
+    let gate = release_gate(conn, envelope.release_id, GateCode::G1).await?;
     let built_at = build.built_at.unwrap_or(envelope.emitted_at);
 
     let build_id: Uuid = sqlx::query_scalar(
@@ -170,21 +169,22 @@ pub async fn build_complete(conn: &mut PgConnection, envelope: &Envelope) -> Res
             .db("insert the build log evidence")?,
         );
     }
-    Ok(json!({
-        "build_id": build_id,
-        "check_id": check_id,
-        "artifact_id": artifact_id,
-        "gate_code": "G1",
-        "gate_status": gate_status(conn, gate).await?,
-    }))
+    Ok(Handled::reporting_gate(
+        json!({
+            "build_id": build_id,
+            "check_id": check_id,
+            "artifact_id": artifact_id,
+            "gate_code": "G1",
+        }),
+        Some(gate),
+    ))
 }
 
-pub async fn check_result(conn: &mut PgConnection, envelope: &Envelope) -> Result<Value, HandlerError> {
+pub async fn check_result(conn: &mut PgConnection, envelope: &Envelope) -> Result<Handled, HandlerError> {
     let check: CheckResult = payload(envelope)?;
     check_status(&check.status)?;
     let gate_code = required_gate(envelope)?;
-    existing_release(conn, envelope.release_id).await?;
-    let gate = gate_id(conn, envelope.release_id, gate_code).await?;
+    let gate = release_gate(conn, envelope.release_id, gate_code).await?;
     if let Some(deployment_id) = check.deployment_id {
         super::deployment::deployment_of_release(conn, envelope.release_id, deployment_id).await?;
     }
@@ -200,9 +200,11 @@ pub async fn check_result(conn: &mut PgConnection, envelope: &Envelope) -> Resul
         check.metadata,
     )
     .await?;
-    Ok(json!({
-        "check_id": check_id,
-        "gate_code": gate_code,
-        "gate_status": gate_status(conn, gate).await?,
-    }))
+    Ok(Handled::reporting_gate(
+        json!({
+            "check_id": check_id,
+            "gate_code": gate_code,
+        }),
+        Some(gate),
+    ))
 }

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::build::{check_status, insert_check};
 use super::validate::{not_blank, not_blank_if_given, one_of};
-use super::{DbContext, HandlerError, existing_release, gate_id, gate_status, payload};
+use super::{DbContext, Handled, HandlerError, existing_release, payload, release_gate};
 use crate::envelope::{Envelope, GateCode};
 
 /// The environments a deployment can target.
@@ -366,7 +366,7 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
     }))
 }
 
-pub async fn health_check(conn: &mut PgConnection, envelope: &Envelope) -> Result<Value, HandlerError> {
+pub async fn health_check(conn: &mut PgConnection, envelope: &Envelope) -> Result<Handled, HandlerError> {
     let check: HealthCheck = payload(envelope)?;
     check_status(&check.status)?;
     not_blank("check_name", &check.check_name)?;
@@ -376,9 +376,8 @@ pub async fn health_check(conn: &mut PgConnection, envelope: &Envelope) -> Resul
             envelope.gate_code.map_or("", GateCode::as_str)
         )));
     }
-    existing_release(conn, envelope.release_id).await?;
+    let gate = release_gate(conn, envelope.release_id, GateCode::G4).await?;
     deployment_of_release(conn, envelope.release_id, check.deployment_id).await?;
-    let gate = gate_id(conn, envelope.release_id, GateCode::G4).await?;
     let check_id = insert_check(
         conn,
         gate,
@@ -397,11 +396,13 @@ pub async fn health_check(conn: &mut PgConnection, envelope: &Envelope) -> Resul
             .fetch_one(&mut *conn)
             .await
             .db("read the deployment's G4 status")?;
-    Ok(json!({
-        "check_id": check_id,
-        "deployment_id": check.deployment_id,
-        "g4_status": g4_status,
-        "gate_code": "G4",
-        "gate_status": gate_status(conn, gate).await?,
-    }))
+    Ok(Handled::reporting_gate(
+        json!({
+            "check_id": check_id,
+            "deployment_id": check.deployment_id,
+            "g4_status": g4_status,
+            "gate_code": "G4",
+        }),
+        Some(gate),
+    ))
 }

@@ -8,7 +8,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::validate::{ENVIRONMENTS, not_blank, one_of, sha256};
-use super::{DbContext, HandlerError, existing_release, gate_id, gate_status, payload};
+use super::{DbContext, Handled, HandlerError, existing_release, payload, release_gate};
 use crate::envelope::Envelope;
 
 /// The values of `ops.ops_artifact_type`.
@@ -47,7 +47,10 @@ pub struct EvidenceAttached {
     pub metadata: Map<String, Value>,
 }
 
-pub async fn evidence_attached(conn: &mut PgConnection, envelope: &Envelope) -> Result<Value, HandlerError> {
+pub async fn evidence_attached(
+    conn: &mut PgConnection,
+    envelope: &Envelope,
+) -> Result<Handled, HandlerError> {
     let evidence: EvidenceAttached = payload(envelope)?;
     one_of("artifact_type", &evidence.artifact_type, ARTIFACT_TYPES)?;
     not_blank("artifact_url", &evidence.artifact_url)?;
@@ -55,10 +58,12 @@ pub async fn evidence_attached(conn: &mut PgConnection, envelope: &Envelope) -> 
     if let Some(environment) = &evidence.environment {
         one_of("environment", environment, ENVIRONMENTS)?;
     }
-    existing_release(conn, envelope.release_id).await?;
     let gate = match envelope.gate_code {
-        Some(code) => Some(gate_id(conn, envelope.release_id, code).await?),
-        None => None,
+        Some(code) => Some(release_gate(conn, envelope.release_id, code).await?),
+        None => {
+            existing_release(conn, envelope.release_id).await?;
+            None
+        }
     };
     if let Some(check_id) = evidence.check_id {
         check_of_release(conn, envelope.release_id, check_id).await?;
@@ -87,16 +92,15 @@ pub async fn evidence_attached(conn: &mut PgConnection, envelope: &Envelope) -> 
     .fetch_one(&mut *conn)
     .await
     .db("insert the evidence artifact")?;
-    let status = match gate {
-        Some(gate) => Some(gate_status(conn, gate).await?),
-        None => None,
-    };
-    Ok(json!({
-        "artifact_id": artifact_id,
-        "artifact_type": evidence.artifact_type,
-        "gate_code": envelope.gate_code,
-        "gate_status": status,
-    }))
+    Ok(Handled::reporting_gate(
+        json!({
+            "artifact_id": artifact_id,
+            "artifact_type": evidence.artifact_type,
+            "gate_code": envelope.gate_code,
+            "gate_status": null,
+        }),
+        gate,
+    ))
 }
 
 /// Fails unless `check_id` is a check of `release_id`: UnknownReference when

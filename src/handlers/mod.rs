@@ -104,47 +104,79 @@ pub(crate) async fn existing_release(
         .ok_or(HandlerError::UnknownRelease(release_id))
 }
 
-/// The gate row of a release.
-pub(crate) async fn gate_id(
+/// The gate row of a release (in one query); fails with UnknownRelease
+/// unless the release exists.
+pub(crate) async fn release_gate(
     conn: &mut PgConnection,
     release_id: Uuid,
     gate: GateCode,
 ) -> Result<Uuid, HandlerError> {
     sqlx::query_scalar(
-        "SELECT gate_id FROM ops.release_gates WHERE release_id = $1 AND gate_code = $2::ops.ops_gate_code",
+        "SELECT g.gate_id FROM ops.releases r
+         JOIN ops.release_gates g ON g.release_id = r.release_id AND g.gate_code = $2::ops.ops_gate_code
+         WHERE r.release_id = $1",
     )
     .bind(release_id)
     .bind(gate.as_str())
     .fetch_optional(conn)
     .await
-    .db("look up the gate")?
+    .db("look up the release's gate")?
     .ok_or(HandlerError::UnknownRelease(release_id))
 }
 
-/// The derived status of a gate, after the facts' triggers ran.
-pub(crate) async fn gate_status(conn: &mut PgConnection, gate_id: Uuid) -> Result<String, HandlerError> {
-    sqlx::query_scalar("SELECT status::text FROM ops.release_gates WHERE gate_id = $1")
-        .bind(gate_id)
-        .fetch_one(conn)
-        .await
-        .db("read the gate status")
+/// What a handler returns: its JSON result, and the gate whose derived
+/// status the result reports as `gate_status`. That status is read when the
+/// ledger stores the result, after every write of the event (and so after
+/// the derivation they triggered), in the same statement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handled {
+    pub result: Value,
+    pub gate_status_of: Option<Uuid>,
+}
+
+impl Handled {
+    pub fn reporting_gate(result: Value, gate: Option<Uuid>) -> Self {
+        Handled {
+            result,
+            gate_status_of: gate,
+        }
+    }
+}
+
+impl From<Value> for Handled {
+    fn from(result: Value) -> Self {
+        Handled {
+            result,
+            gate_status_of: None,
+        }
+    }
 }
 
 /// Applies `envelope` inside the ingest transaction `conn`.
-pub async fn dispatch(conn: &mut PgConnection, envelope: &Envelope) -> Result<Value, HandlerError> {
+pub async fn dispatch(conn: &mut PgConnection, envelope: &Envelope) -> Result<Handled, HandlerError> {
     match envelope.event_type {
-        EventType::ReleaseCreated => release::release_created(conn, envelope).await,
+        EventType::ReleaseCreated => release::release_created(conn, envelope).await.map(Handled::from),
         EventType::BuildComplete => build::build_complete(conn, envelope).await,
         EventType::CheckResult => build::check_result(conn, envelope).await,
         EventType::EvidenceAttached => evidence::evidence_attached(conn, envelope).await,
         EventType::GateSignoff => approval::gate_signoff(conn, envelope).await,
-        EventType::ExceptionGranted => exception::exception_granted(conn, envelope).await,
-        EventType::ExceptionReviewed => exception::exception_reviewed(conn, envelope).await,
-        EventType::DeploymentEvent => deployment::deployment_event(conn, envelope).await,
+        EventType::ExceptionGranted => exception::exception_granted(conn, envelope)
+            .await
+            .map(Handled::from),
+        EventType::ExceptionReviewed => exception::exception_reviewed(conn, envelope)
+            .await
+            .map(Handled::from),
+        EventType::DeploymentEvent => deployment::deployment_event(conn, envelope)
+            .await
+            .map(Handled::from),
         EventType::HealthCheck => deployment::health_check(conn, envelope).await,
-        EventType::EnvironmentEvent => environment::environment_event(conn, envelope).await,
-        EventType::IncidentOpened => incident::incident_opened(conn, envelope).await,
-        EventType::IncidentResolved => incident::incident_resolved(conn, envelope).await,
-        EventType::RecoveryDrill => incident::recovery_drill(conn, envelope).await,
+        EventType::EnvironmentEvent => environment::environment_event(conn, envelope)
+            .await
+            .map(Handled::from),
+        EventType::IncidentOpened => incident::incident_opened(conn, envelope).await.map(Handled::from),
+        EventType::IncidentResolved => incident::incident_resolved(conn, envelope)
+            .await
+            .map(Handled::from),
+        EventType::RecoveryDrill => incident::recovery_drill(conn, envelope).await.map(Handled::from),
     }
 }

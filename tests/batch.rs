@@ -1,0 +1,202 @@
+//! Deliveries processed together (`ingest::process_batch`): one transaction
+//! when they all succeed, and exactly the single-message outcomes when one
+//! of them does not.
+
+mod common;
+
+use common::TestDb;
+use common::worker::*;
+use opsgate::ingest::{self, Attempt, IngestOptions, Next, Outcome, Status};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+fn options() -> IngestOptions {
+    IngestOptions {
+        max_body_bytes: 1 << 20,
+        writer: "batch-test".into(),
+    }
+}
+
+fn bodies(envelopes: &[Value]) -> Vec<Vec<u8>> {
+    envelopes.iter().map(|e| serde_json::to_vec(e).unwrap()).collect()
+}
+
+async fn process(pool: &PgPool, bodies: &[Vec<u8>]) -> Vec<Outcome> {
+    let attempts: Vec<Attempt<'_>> = bodies
+        .iter()
+        .map(|body| Attempt {
+            body,
+            attempt: 1,
+            retries_left: true,
+        })
+        .collect();
+    ingest::process_batch(pool, &attempts, &options())
+        .await
+        .expect("PostgreSQL is up")
+}
+
+/// How many transactions wrote the ledger rows (rows of one transaction
+/// share their xmin).
+async fn ledger_transactions(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM ops.event_ingest_log")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+fn g1_check(release_id: Uuid, name: &str, status: &str) -> Value {
+    envelope(
+        "check_result",
+        release_id,
+        Some("G1"),
+        json!({"check_name": name, "status": status}),
+    )
+}
+
+#[tokio::test]
+async fn deliveries_that_all_succeed_share_one_transaction() {
+    let db = TestDb::new().await;
+    let release = fresh_release();
+    let envelopes = vec![
+        release_created(release, "v1"),
+        g1_check(release, "unit_tests", "pass"),
+        g1_check(release, "lint", "fail"),
+    ];
+    let outcomes = process(&db.pool, &bodies(&envelopes)).await;
+
+    for (outcome, envelope) in outcomes.iter().zip(&envelopes) {
+        assert_eq!(outcome.status, Status::Accepted, "{outcome:?}");
+        assert_eq!(outcome.next, Next::Ack);
+        assert_eq!(
+            outcome.idempotency_key.as_deref(),
+            Some(key_of(envelope).as_str())
+        );
+    }
+    // Each result reports the gate as derived right after its own event.
+    assert_eq!(outcomes[1].result.as_ref().unwrap()["gate_status"], "passed");
+    assert_eq!(outcomes[2].result.as_ref().unwrap()["gate_status"], "failed");
+    assert_eq!(
+        ledger_transactions(&db.pool).await,
+        1,
+        "one transaction for the batch"
+    );
+    let checks: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.gate_checks")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(checks, 2);
+    // The stored result is the one returned.
+    let stored: Value = sqlx::query_scalar(
+        "SELECT result FROM ops.event_ingest_log WHERE idempotency_key = $1 AND processing_status = 'accepted'",
+    )
+    .bind(key_of(&envelopes[2]))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(Some(stored), outcomes[2].result);
+}
+
+#[tokio::test]
+async fn the_same_key_twice_in_a_batch_is_applied_once() {
+    let db = TestDb::new().await;
+    let release = release_created(fresh_release(), "v1");
+    let outcomes = process(&db.pool, &bodies(&[release.clone(), release.clone()])).await;
+
+    assert_eq!(outcomes[0].status, Status::Accepted);
+    assert_eq!(outcomes[1].status, Status::Duplicate);
+    assert_eq!(outcomes[1].result, outcomes[0].result, "the original result");
+    assert_eq!(
+        ledger(&db.pool, &key_of(&release)).await,
+        vec![("accepted".to_owned(), 200), ("duplicate".to_owned(), 200)]
+    );
+    let releases: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.releases")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(releases, 1);
+    assert_eq!(ledger_transactions(&db.pool).await, 1);
+}
+
+#[tokio::test]
+async fn a_failing_delivery_leaves_every_other_outcome_as_if_processed_alone() {
+    let db = TestDb::new().await;
+    let known = fresh_release();
+    let unknown = fresh_release();
+    let created = release_created(known, "v1");
+    let mut reused = release_created(known, "v1-other");
+    reused["idempotency_key"] = created["idempotency_key"].clone();
+    let check = g1_check(known, "unit_tests", "pass");
+
+    let mut all = bodies(&[
+        created.clone(),
+        g1_check(unknown, "unit_tests", "pass"),
+        check.clone(),
+        reused,
+        created.clone(),
+    ]);
+    all.insert(2, b"{not json".to_vec());
+    let outcomes = process(&db.pool, &all).await;
+    let summary: Vec<(Status, u16, Next)> = outcomes.iter().map(|o| (o.status, o.code, o.next)).collect();
+    assert_eq!(
+        summary,
+        vec![
+            (Status::Accepted, 200, Next::Ack),
+            // Its release_created may still come: retried first.
+            (Status::Error, 409, Next::Retry),
+            (Status::Rejected, 400, Next::DeadLetter),
+            (Status::Accepted, 200, Next::Ack),
+            (Status::Rejected, 422, Next::DeadLetter),
+            (Status::Duplicate, 200, Next::Ack),
+        ]
+    );
+    assert_eq!(
+        ledger(&db.pool, &key_of(&created)).await,
+        vec![
+            ("accepted".to_owned(), 200),
+            ("rejected".to_owned(), 422),
+            ("duplicate".to_owned(), 200)
+        ]
+    );
+    assert_eq!(
+        ledger(&db.pool, &key_of(&check)).await,
+        vec![("accepted".to_owned(), 200)]
+    );
+    let (releases, checks): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM ops.releases), (SELECT count(*) FROM ops.gate_checks)")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((releases, checks), (1, 1), "every effect exactly once");
+}
+
+#[tokio::test]
+async fn an_unreachable_database_holds_the_whole_batch() {
+    let settings = opsgate::config::DatabaseSettings {
+        url: opsgate::config::SecretUrl::new("postgres://postgres@127.0.0.1:1/none".to_owned()),
+        max_connections: 2,
+        acquire_timeout_secs: 1,
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(settings.acquire_timeout())
+        .connect_lazy(settings.url.expose())
+        .unwrap();
+    let release = fresh_release();
+    let all = bodies(&[
+        release_created(release, "v1"),
+        g1_check(release, "unit_tests", "pass"),
+    ]);
+    let attempts: Vec<Attempt<'_>> = all
+        .iter()
+        .map(|body| Attempt {
+            body,
+            attempt: 1,
+            retries_left: true,
+        })
+        .collect();
+    let result = ingest::process_batch(&pool, &attempts, &options()).await;
+    assert!(
+        result.is_err(),
+        "nothing is decided while PostgreSQL is down: {result:?}"
+    );
+}
