@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::build::{check_status, insert_check};
 use super::validate::{not_blank, not_blank_if_given, one_of};
-use super::{DbContext, Handled, HandlerError, existing_release, payload, release_gate};
+use super::{DbContext, Handled, HandlerError, payload, release_gate};
 use crate::envelope::{Envelope, GateCode};
 
 /// The environments a deployment can target.
@@ -121,6 +121,8 @@ struct Deployment {
     deployed_at: DateTime<Utc>,
     rollback_of: Option<Uuid>,
     g4_status: String,
+    /// The status of its release, derived with the deployment's latest write.
+    release_status: String,
 }
 
 async fn read_deployment(
@@ -129,13 +131,17 @@ async fn read_deployment(
     lock: bool,
 ) -> Result<Option<Deployment>, HandlerError> {
     let sql = if lock {
-        "SELECT release_id, environment::text AS environment, status::text AS status, deployed_by, source_ref,
-                deployed_at, rollback_of, g4_status::text AS g4_status
-         FROM ops.deployments WHERE deployment_id = $1 FOR UPDATE"
+        "SELECT d.release_id, d.environment::text AS environment, d.status::text AS status, d.deployed_by,
+                d.source_ref, d.deployed_at, d.rollback_of, d.g4_status::text AS g4_status,
+                r.status::text AS release_status
+         FROM ops.deployments d JOIN ops.releases r ON r.release_id = d.release_id
+         WHERE d.deployment_id = $1 FOR UPDATE OF d"
     } else {
-        "SELECT release_id, environment::text AS environment, status::text AS status, deployed_by, source_ref,
-                deployed_at, rollback_of, g4_status::text AS g4_status
-         FROM ops.deployments WHERE deployment_id = $1"
+        "SELECT d.release_id, d.environment::text AS environment, d.status::text AS status, d.deployed_by,
+                d.source_ref, d.deployed_at, d.rollback_of, d.g4_status::text AS g4_status,
+                r.status::text AS release_status
+         FROM ops.deployments d JOIN ops.releases r ON r.release_id = d.release_id
+         WHERE d.deployment_id = $1"
     };
     sqlx::query_as(sql)
         .bind(deployment_id)
@@ -156,7 +162,13 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
             event.deployment_id
         )));
     }
-    existing_release(conn, envelope.release_id).await?;
+    let release_source_ref: String =
+        sqlx::query_scalar("SELECT source_ref FROM ops.releases WHERE release_id = $1")
+            .bind(envelope.release_id)
+            .fetch_optional(&mut *conn)
+            .await
+            .db("look up the release")?
+            .ok_or(HandlerError::UnknownRelease(envelope.release_id))?;
     let deployment_id = event.deployment_id;
 
     if let Some(target) = event.rollback_of {
@@ -237,14 +249,7 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
     let previous_status = existing.as_ref().map(|current| current.status.clone());
     match &existing {
         None => {
-            let source_ref = match &event.source_ref {
-                Some(source_ref) => source_ref.clone(),
-                None => sqlx::query_scalar("SELECT source_ref FROM ops.releases WHERE release_id = $1")
-                    .bind(envelope.release_id)
-                    .fetch_one(&mut *conn)
-                    .await
-                    .db("read the release's source_ref")?,
-            };
+            let source_ref = event.source_ref.as_ref().unwrap_or(&release_source_ref);
             sqlx::query(
                 "INSERT INTO ops.deployments (deployment_id, release_id, environment, deployed_at, deployed_by,
                                               source_ref, status, rollback_of, metadata, created_by)
@@ -255,7 +260,7 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
             .bind(&event.environment)
             .bind(event.deployed_at.unwrap_or(envelope.emitted_at))
             .bind(&event.deployed_by)
-            .bind(&source_ref)
+            .bind(source_ref)
             .bind(&event.status)
             .bind(rollback_of)
             .bind(Value::Object(event.metadata.clone()))
@@ -346,12 +351,6 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
         .db("record the policy violation")?;
     }
 
-    let release_status: String =
-        sqlx::query_scalar("SELECT status::text FROM ops.releases WHERE release_id = $1")
-            .bind(envelope.release_id)
-            .fetch_one(&mut *conn)
-            .await
-            .db("read the release status")?;
     Ok(json!({
         "deployment_id": deployment_id,
         "environment": stored.environment,
@@ -359,7 +358,7 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
         "previous_status": previous_status,
         "rollback_of": stored.rollback_of,
         "g4_status": stored.g4_status,
-        "release_status": release_status,
+        "release_status": stored.release_status,
         "event_id": event_id,
         "policy_violation": policy_violation,
         "blockers": blockers,

@@ -33,27 +33,25 @@ pub async fn release_created(conn: &mut PgConnection, envelope: &Envelope) -> Re
             release.environment_target
         )));
     }
-    let existing: Option<(String, String)> =
-        sqlx::query_as("SELECT project, release_name FROM ops.releases WHERE release_id = $1")
-            .bind(envelope.release_id)
-            .fetch_optional(&mut *conn)
-            .await
-            .db("look up the release")?;
-    if let Some((project, name)) = existing {
+    // The same id, or the same name under another id (at most two rows).
+    let clashes: Vec<(uuid::Uuid, String, String)> = sqlx::query_as(
+        "SELECT release_id, project, release_name FROM ops.releases
+         WHERE release_id = $1 OR (project = $2 AND release_name = $3)",
+    )
+    .bind(envelope.release_id)
+    .bind(&release.project)
+    .bind(&release.release_name)
+    .fetch_all(&mut *conn)
+    .await
+    .db("look up the release and its name")?;
+    if let Some((_, project, name)) = clashes.iter().find(|(id, _, _)| *id == envelope.release_id) {
         // A second key for the same release: the first one won.
         return Err(HandlerError::conflict(format!(
             "release {} already exists as {project}/{name}",
             envelope.release_id
         )));
     }
-    let taken: Option<uuid::Uuid> =
-        sqlx::query_scalar("SELECT release_id FROM ops.releases WHERE project = $1 AND release_name = $2")
-            .bind(&release.project)
-            .bind(&release.release_name)
-            .fetch_optional(&mut *conn)
-            .await
-            .db("look up the release name")?;
-    if let Some(other) = taken {
+    if let Some((other, _, _)) = clashes.first() {
         return Err(HandlerError::conflict(format!(
             "{}/{} is already release {other}",
             release.project, release.release_name
