@@ -288,6 +288,71 @@ async fn a_direct_update_passing_production_g3_without_facts_raises() {
         .expect("passing with approvals and evidence");
 }
 
+#[tokio::test]
+async fn the_guard_still_refuses_direct_passes_in_a_transaction_where_refresh_passed_a_gate() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    seed::approval(&db.pool, r, "G2", "qa-1", "qa_tester", "approved", at(2)).await;
+    seed::evidence(&db.pool, r, "test_result").await;
+    let g3: Uuid = sqlx::query_scalar(
+        "SELECT gate_id FROM ops.release_gates WHERE release_id = $1 AND gate_code = 'G3'",
+    )
+    .bind(r)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    // The refresh this check triggers passes G1 (and, with it, G2) itself.
+    sqlx::query(
+        "INSERT INTO ops.gate_checks (gate_id, check_name, source_system, status, observed_at, created_by)
+         SELECT gate_id, 'unit_tests', 'github_actions', 'pass', now(), 'ci'
+         FROM ops.release_gates WHERE release_id = $1 AND gate_code = 'G1'",
+    )
+    .bind(r)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let passed: Vec<String> = sqlx::query_scalar(
+        "SELECT gate_code::text FROM ops.release_gates WHERE release_id = $1 AND status = 'passed' ORDER BY 1",
+    )
+    .bind(r)
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(passed, ["G1", "G2"]);
+
+    // Same transaction, a superuser's direct UPDATE of G3: still refused.
+    sqlx::query("SAVEPOINT direct").execute(&mut *tx).await.unwrap();
+    let direct = sqlx::query("UPDATE ops.release_gates SET status = 'passed' WHERE gate_id = $1")
+        .bind(g3)
+        .execute(&mut *tx)
+        .await;
+    assert_eq!(sqlstate(direct), CHECK_VIOLATION);
+    sqlx::query("ROLLBACK TO SAVEPOINT direct")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+
+    // A release manager who forges refresh's marker is refused too.
+    sqlx::query("SET LOCAL ROLE release_manager")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SELECT set_config('opsgate.refresh_writes_gate', $1::text, true)")
+        .bind(g3)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let forged = sqlx::query("UPDATE ops.release_gates SET status = 'passed' WHERE gate_id = $1")
+        .bind(g3)
+        .execute(&mut *tx)
+        .await;
+    assert_eq!(sqlstate(forged), CHECK_VIOLATION);
+    tx.rollback().await.unwrap();
+    assert_eq!(seed::gate_status(&db.pool, r, "G3").await, "pending");
+}
+
 // --- Sweeps with a controlled clock -----------------------------------------
 
 async fn event_count(db: &TestDb, event_type: &str) -> i64 {
