@@ -47,6 +47,10 @@ pub fn pool(settings: &Settings) -> Result<PgPool, WorkerError> {
                 url: settings.database.url.to_string(),
                 source,
             })?;
+    // The worker runs the same few statements (and the derivation's) over and
+    // over with different ids. With custom plans PostgreSQL may plan them
+    // again on every execution; generic plans are planned once per connection.
+    let options = options.options([("plan_cache_mode", "force_generic_plan")]);
     let role = settings.worker.database_role.clone();
     let pool = PgPoolOptions::new()
         .max_connections(settings.database.max_connections)

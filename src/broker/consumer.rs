@@ -221,9 +221,16 @@ async fn handle(
             }
         }
     };
-    for ((delivery, attempt), outcome) in deliveries.iter().zip(&attempts).zip(outcomes) {
-        finish(delivery, attempt.attempt, outcome, context, publisher).await;
-    }
+    // Replies, retries and dead letters each wait for a confirm: wait for
+    // them together rather than one after the other.
+    futures_util::future::join_all(
+        deliveries
+            .iter()
+            .zip(&attempts)
+            .zip(outcomes)
+            .map(|((delivery, attempt), outcome)| finish(delivery, attempt.attempt, outcome, context, publisher)),
+    )
+    .await;
 }
 
 /// Logs, answers and disposes of one processed delivery.
