@@ -22,16 +22,20 @@ fn bodies(envelopes: &[Value]) -> Vec<Vec<u8>> {
     envelopes.iter().map(|e| serde_json::to_vec(e).unwrap()).collect()
 }
 
-async fn process(pool: &PgPool, bodies: &[Vec<u8>]) -> Vec<Outcome> {
-    let attempts: Vec<Attempt<'_>> = bodies
+/// First deliveries of `bodies`.
+fn first_attempts(bodies: &[Vec<u8>]) -> Vec<Attempt<'_>> {
+    bodies
         .iter()
         .map(|body| Attempt {
             body,
             attempt: 1,
             retries_left: true,
         })
-        .collect();
-    ingest::process_batch(pool, &attempts, &options())
+        .collect()
+}
+
+async fn process(pool: &PgPool, bodies: &[Vec<u8>]) -> Vec<Outcome> {
+    ingest::process_batch(pool, &first_attempts(bodies), &options())
         .await
         .expect("PostgreSQL is up")
 }
@@ -186,15 +190,7 @@ async fn an_unreachable_database_holds_the_whole_batch() {
         release_created(release, "v1"),
         g1_check(release, "unit_tests", "pass"),
     ]);
-    let attempts: Vec<Attempt<'_>> = all
-        .iter()
-        .map(|body| Attempt {
-            body,
-            attempt: 1,
-            retries_left: true,
-        })
-        .collect();
-    let result = ingest::process_batch(&pool, &attempts, &options()).await;
+    let result = ingest::process_batch(&pool, &first_attempts(&all), &options()).await;
     assert!(
         result.is_err(),
         "nothing is decided while PostgreSQL is down: {result:?}"

@@ -223,13 +223,9 @@ async fn handle(
     };
     // Replies, retries and dead letters each wait for a confirm: wait for
     // them together rather than one after the other.
-    futures_util::future::join_all(
-        deliveries
-            .iter()
-            .zip(&attempts)
-            .zip(outcomes)
-            .map(|((delivery, attempt), outcome)| finish(delivery, attempt.attempt, outcome, context, publisher)),
-    )
+    futures_util::future::join_all(deliveries.iter().zip(&attempts).zip(outcomes).map(
+        |((delivery, attempt), outcome)| finish(delivery, attempt.attempt, outcome, context, publisher),
+    ))
     .await;
 }
 
