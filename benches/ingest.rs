@@ -346,13 +346,18 @@ async fn main() {
     let pid = worker.id();
     let drain_started = Instant::now();
     let mut samples: Vec<(f64, i64, u64)> = Vec::new();
+    let mut last_counter = -1;
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        // The counter is flushed lazily by idle backends: near the end, count exactly.
-        let mut done = processed(&pool).await;
-        if done >= bodies.len() as i64 * 9 / 10 {
+        // Backends flush the counter at most once a second, and an idle one
+        // only after 10 s: near the end, or while it does not move, count
+        // exactly.
+        let counter = processed(&pool).await;
+        let mut done = counter;
+        if counter >= bodies.len() as i64 * 9 / 10 || counter == last_counter {
             done = exact(&pool).await;
         }
+        last_counter = counter;
         let rss = rss_kib(pid, "VmRSS:").unwrap_or(0);
         samples.push((drain_started.elapsed().as_secs_f64(), done, rss));
         if done >= bodies.len() as i64 {
