@@ -297,13 +297,21 @@ async fn main() {
     let vacuum = (autovacuum == "off").then(|| {
         let pool = pool.clone();
         tokio::spawn(async move {
+            let Ok(mut conn) = pool.acquire().await else {
+                return;
+            };
+            // Throttled like autovacuum (its default cost delay), so that it
+            // competes with the worker as autovacuum would, not harder.
+            let _ = sqlx::query("SET vacuum_cost_delay = '2ms'")
+                .execute(&mut *conn)
+                .await;
             loop {
                 tokio::time::sleep(Duration::from_secs(10)).await;
                 let _ = sqlx::query(
                     "VACUUM (ANALYZE) ops.release_gates, ops.releases, ops.deployments, ops.event_ingest_log,
                      ops.gate_checks, ops.approvals, ops.evidence_artifacts",
                 )
-                .execute(&pool)
+                .execute(&mut *conn)
                 .await;
             }
         })
