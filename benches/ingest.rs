@@ -255,6 +255,9 @@ fn spawn_worker(database_url: &str, namespace: &str) -> Child {
         .env("OPSGATE__AMQP__URL", amqp_url())
         .env("OPSGATE__AMQP__NAMESPACE", namespace)
         .env("OPSGATE__SWEEPS__ENABLED", "false")
+        // The retry tiers of the bench's Topology, so that removing it at the
+        // end removes every queue the worker declared.
+        .env("OPSGATE__RETRY__SCHEDULE_SECS", "1,5")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
