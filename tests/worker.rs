@@ -560,6 +560,8 @@ async fn the_worker_runs_the_sweeps_on_its_interval() {
     .unwrap();
     assert_eq!(events, 1);
     worker.stop().await;
+    // The worker declared the namespace; remove it.
+    Producer::new(&settings).await.finish().await;
 }
 
 #[tokio::test]
