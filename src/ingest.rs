@@ -15,7 +15,7 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::envelope::{self, Envelope, Partial};
+use crate::envelope::{self, Envelope, Partial, Rejection};
 use crate::handlers::{self, HandlerError};
 use crate::ledger::{self, FailedAttempt, FailureStatus, NextAction};
 
@@ -105,7 +105,20 @@ pub async fn process(
     retries_left: bool,
     options: &IngestOptions,
 ) -> Result<Outcome, DatabaseUnavailable> {
-    let envelope = match envelope::parse(body, options.max_body_bytes) {
+    let parsed = envelope::parse(body, options.max_body_bytes);
+    settle(pool, body, parsed, attempt, retries_left, options).await
+}
+
+/// `process` once the body is parsed (or refused).
+async fn settle(
+    pool: &PgPool,
+    body: &[u8],
+    parsed: Result<Envelope, Rejection>,
+    attempt: u32,
+    retries_left: bool,
+    options: &IngestOptions,
+) -> Result<Outcome, DatabaseUnavailable> {
+    let envelope = match parsed {
         Ok(envelope) => envelope,
         Err(rejection) => {
             let failure = FailedAttempt {
@@ -210,19 +223,19 @@ pub async fn process_batch(
     options: &IngestOptions,
 ) -> Result<Vec<Outcome>, DatabaseUnavailable> {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; attempts.len()];
-    let parsed: Vec<(usize, Envelope)> = attempts
+    let parsed: Vec<Result<Envelope, Rejection>> = attempts
+        .iter()
+        .map(|attempt| envelope::parse(attempt.body, options.max_body_bytes))
+        .collect();
+    let valid: Vec<(usize, &Envelope)> = parsed
         .iter()
         .enumerate()
-        .filter_map(|(index, attempt)| {
-            envelope::parse(attempt.body, options.max_body_bytes)
-                .ok()
-                .map(|envelope| (index, envelope))
-        })
+        .filter_map(|(index, parsed)| parsed.as_ref().ok().map(|envelope| (index, envelope)))
         .collect();
-    if parsed.len() > 1 {
-        match apply_together(pool, &parsed, attempts, &options.writer).await {
+    if valid.len() > 1 {
+        match apply_together(pool, &valid, attempts, &options.writer).await {
             Ok(applied) => {
-                for ((index, envelope), applied) in parsed.iter().zip(applied) {
+                for ((index, envelope), applied) in valid.iter().zip(applied) {
                     outcomes[*index] = Some(match applied {
                         Settled::Accepted(result) => success(envelope, Status::Accepted, result),
                         Settled::Duplicate(result) => success(envelope, Status::Duplicate, result),
@@ -231,16 +244,27 @@ pub async fn process_batch(
             }
             Err(Together::Unavailable(error)) => return Err(DatabaseUnavailable(error)),
             Err(Together::Singly(reason)) => {
-                tracing::debug!(%reason, deliveries = parsed.len(),
+                tracing::debug!(%reason, deliveries = valid.len(),
                     "a delivery of the batch did not simply succeed; processing them one by one");
             }
         }
     }
     let mut done = Vec::with_capacity(attempts.len());
-    for (attempt, outcome) in attempts.iter().zip(outcomes) {
+    for ((attempt, outcome), parsed) in attempts.iter().zip(outcomes).zip(parsed) {
         done.push(match outcome {
             Some(outcome) => outcome,
-            None => process(pool, attempt.body, attempt.attempt, attempt.retries_left, options).await?,
+            // Parsed above, not again.
+            None => {
+                settle(
+                    pool,
+                    attempt.body,
+                    parsed,
+                    attempt.attempt,
+                    attempt.retries_left,
+                    options,
+                )
+                .await?
+            }
         });
     }
     Ok(done)
@@ -271,7 +295,7 @@ impl From<sqlx::Error> for Together {
 /// Every envelope of `parsed` applied in one transaction, or none of them.
 async fn apply_together(
     pool: &PgPool,
-    parsed: &[(usize, Envelope)],
+    parsed: &[(usize, &Envelope)],
     attempts: &[Attempt<'_>],
     writer: &str,
 ) -> Result<Vec<Settled>, Together> {

@@ -125,23 +125,27 @@ struct Deployment {
     release_status: String,
 }
 
+/// The query of `read_deployment`, as a literal so that the locking
+/// variant can be built from it at compile time.
+macro_rules! select_deployment {
+    () => {
+        "SELECT d.release_id, d.environment::text AS environment, d.status::text AS status, d.deployed_by,
+                d.source_ref, d.deployed_at, d.rollback_of, d.g4_status::text AS g4_status,
+                r.status::text AS release_status
+         FROM ops.deployments d JOIN ops.releases r ON r.release_id = d.release_id
+         WHERE d.deployment_id = $1"
+    };
+}
+
 async fn read_deployment(
     conn: &mut PgConnection,
     deployment_id: Uuid,
     lock: bool,
 ) -> Result<Option<Deployment>, HandlerError> {
     let sql = if lock {
-        "SELECT d.release_id, d.environment::text AS environment, d.status::text AS status, d.deployed_by,
-                d.source_ref, d.deployed_at, d.rollback_of, d.g4_status::text AS g4_status,
-                r.status::text AS release_status
-         FROM ops.deployments d JOIN ops.releases r ON r.release_id = d.release_id
-         WHERE d.deployment_id = $1 FOR UPDATE OF d"
+        concat!(select_deployment!(), " FOR UPDATE OF d")
     } else {
-        "SELECT d.release_id, d.environment::text AS environment, d.status::text AS status, d.deployed_by,
-                d.source_ref, d.deployed_at, d.rollback_of, d.g4_status::text AS g4_status,
-                r.status::text AS release_status
-         FROM ops.deployments d JOIN ops.releases r ON r.release_id = d.release_id
-         WHERE d.deployment_id = $1"
+        select_deployment!()
     };
     sqlx::query_as(sql)
         .bind(deployment_id)
