@@ -10,14 +10,16 @@
 //! alone, so every failure is classified, recorded and answered exactly as
 //! for a single message.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::envelope::{self, Envelope, Partial, Rejection};
 use crate::handlers::{self, HandlerError};
-use crate::ledger::{self, FailedAttempt, FailureStatus, NextAction};
+use crate::ledger::{self, ClaimRequest, FailedAttempt, FailureStatus, NextAction, PendingResult};
 
 /// The processing status of the PRD, with its HTTP-like code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -293,39 +295,120 @@ impl From<sqlx::Error> for Together {
 }
 
 /// Every envelope of `parsed` applied in one transaction, or none of them.
+/// The ledger is written set-wise: one statement claims every key, one
+/// stores the results and one writes the duplicates, so a batch costs a few
+/// round trips more than its handlers' own.
 async fn apply_together(
     pool: &PgPool,
     parsed: &[(usize, &Envelope)],
     attempts: &[Attempt<'_>],
     writer: &str,
 ) -> Result<Vec<Settled>, Together> {
-    let mut tx = pool.begin().await?;
+    let hashes: Vec<String> = parsed
+        .iter()
+        .map(|(_, envelope)| envelope.payload_hash())
+        .collect();
+    let requests: Vec<ClaimRequest<'_>> = parsed
+        .iter()
+        .zip(&hashes)
+        .map(|((index, envelope), payload_hash)| ClaimRequest {
+            envelope,
+            payload_hash,
+            attempt: attempts[*index].attempt,
+        })
+        .collect();
     let releases: Vec<Uuid> = parsed.iter().map(|(_, envelope)| envelope.release_id).collect();
-    lock_releases(&mut tx, &releases).await?;
-    let mut settled = Vec::with_capacity(parsed.len());
-    for (index, envelope) in parsed {
-        let payload_hash = envelope.payload_hash();
-        let attempt = attempts[*index].attempt;
-        match ledger::try_processing(&mut tx, envelope, &payload_hash, attempt, writer).await? {
-            NextAction::StartProcessing { ingest_id } => {
-                let handled = match handlers::dispatch(&mut tx, envelope).await {
-                    Ok(handled) => handled,
-                    Err(HandlerError::Database { source, .. }) => return Err(source.into()),
-                    Err(error) => return Err(Together::Singly(error.to_string())),
-                };
-                let result =
-                    ledger::save_result(&mut tx, ingest_id, &handled.result, handled.gate_status_of).await?;
-                settled.push(Settled::Accepted(result));
-            }
-            NextAction::ReturnSavedResult { result } => settled.push(Settled::Duplicate(result)),
-            NextAction::KeyReused { .. } => {
-                return Err(Together::Singly(format!(
-                    "idempotency key {:?} reused",
-                    envelope.idempotency_key
-                )));
-            }
+    let mut tx = begin_locked(pool, &releases).await?;
+    let claims = ledger::claim_batch(&mut tx, &requests, writer).await?;
+
+    // A result reports its gate's status as derived right after its event;
+    // the batch-wide save at the end reads it later, which is the same only
+    // when no later event of the batch touches the same release.
+    let mut last_of_release: HashMap<Uuid, usize> = HashMap::new();
+    for (position, claim) in claims.iter().enumerate() {
+        if claim.is_some() {
+            last_of_release.insert(requests[position].envelope.release_id, position);
         }
     }
+    let mut results: HashMap<Uuid, Value> = HashMap::new();
+    let mut pending = Vec::new();
+    for (position, (request, claim)) in requests.iter().zip(&claims).enumerate() {
+        let Some(ingest_id) = *claim else { continue };
+        let handled = match handlers::dispatch(&mut tx, request.envelope).await {
+            Ok(handled) => handled,
+            Err(HandlerError::Database { source, .. }) => return Err(source.into()),
+            Err(error) => return Err(Together::Singly(error.to_string())),
+        };
+        if last_of_release.get(&request.envelope.release_id) == Some(&position) {
+            pending.push(PendingResult {
+                ingest_id,
+                result: handled.result,
+                gate_status_of: handled.gate_status_of,
+            });
+        } else {
+            let result =
+                ledger::save_result(&mut tx, ingest_id, &handled.result, handled.gate_status_of).await?;
+            results.insert(ingest_id, result);
+        }
+    }
+    results.extend(ledger::save_results(&mut tx, &pending).await?);
+
+    // Keys accepted before this batch, and keys claimed earlier in it.
+    let claimed_here: HashMap<&str, (&str, Uuid)> = requests
+        .iter()
+        .zip(&claims)
+        .filter_map(|(request, claim)| {
+            claim.map(|id| {
+                (
+                    request.envelope.idempotency_key.as_str(),
+                    (request.payload_hash, id),
+                )
+            })
+        })
+        .collect();
+    let earlier_keys: Vec<&str> = requests
+        .iter()
+        .zip(&claims)
+        .filter(|(request, claim)| {
+            claim.is_none() && !claimed_here.contains_key(request.envelope.idempotency_key.as_str())
+        })
+        .map(|(request, _)| request.envelope.idempotency_key.as_str())
+        .collect();
+    let accepted_earlier = if earlier_keys.is_empty() {
+        HashMap::new()
+    } else {
+        ledger::accepted_results(&mut tx, &earlier_keys).await?
+    };
+
+    let mut settled = Vec::with_capacity(requests.len());
+    let mut duplicates = Vec::new();
+    for (request, claim) in requests.iter().zip(&claims) {
+        let key = request.envelope.idempotency_key.as_str();
+        if let Some(ingest_id) = claim {
+            let result = results.get(ingest_id).ok_or_else(|| {
+                Together::Singly(format!("the result of idempotency key {key:?} was not stored"))
+            })?;
+            settled.push(Settled::Accepted(result.clone()));
+            continue;
+        }
+        let (accepted_hash, result) = match claimed_here.get(key) {
+            Some((hash, ingest_id)) => (*hash, results.get(ingest_id)),
+            None => match accepted_earlier.get(key) {
+                Some((hash, result)) => (hash.as_str(), Some(result)),
+                None => ("", None),
+            },
+        };
+        match result {
+            Some(result) if accepted_hash == request.payload_hash => {
+                duplicates.push((*request, result));
+                settled.push(Settled::Duplicate(result.clone()));
+            }
+            // Reused with another payload (or its accepted row vanished):
+            // the single-message path classifies it.
+            _ => return Err(Together::Singly(format!("idempotency key {key:?} reused"))),
+        }
+    }
+    ledger::record_duplicates(&mut tx, &duplicates, writer).await?;
     tx.commit().await?;
     Ok(settled)
 }
@@ -345,10 +428,9 @@ async fn apply(
     writer: &str,
 ) -> Result<Applied, HandlerError> {
     use crate::handlers::DbContext;
-    let mut tx = pool.begin().await.db("begin the ingest transaction")?;
-    lock_releases(&mut tx, &[envelope.release_id])
+    let mut tx = begin_locked(pool, &[envelope.release_id])
         .await
-        .db("lock the release")?;
+        .db("begin the ingest transaction and lock the release")?;
     let applied = match ledger::try_processing(&mut tx, envelope, payload_hash, attempt, writer)
         .await
         .db("claim the idempotency key")?
@@ -371,16 +453,24 @@ async fn apply(
 /// number of workers: a transaction-scoped advisory lock on each release id.
 /// All of a transaction's locks are taken at its start and in one order, so
 /// two transactions never wait on each other's release locks in a cycle.
-async fn lock_releases(conn: &mut PgConnection, releases: &[Uuid]) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "SELECT pg_advisory_xact_lock(key)
-         FROM (SELECT DISTINCT hashtextextended(id::text, 0) AS key FROM unnest($1::uuid[]) AS id
+/// The locks travel with BEGIN in one simple-query message: one round trip.
+async fn begin_locked(
+    pool: &PgPool,
+    releases: &[Uuid],
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    pool.begin_with(AssertSqlSafe(begin_and_lock_sql(releases))).await
+}
+
+/// The release ids are formatted by `Uuid` (hex digits and dashes only), so
+/// the literal cannot carry anything but ids.
+fn begin_and_lock_sql(releases: &[Uuid]) -> String {
+    let ids: Vec<String> = releases.iter().map(Uuid::to_string).collect();
+    format!(
+        "BEGIN; SELECT pg_advisory_xact_lock(key)
+         FROM (SELECT DISTINCT hashtextextended(id::text, 0) AS key FROM unnest('{{{}}}'::uuid[]) AS id
                ORDER BY key) AS keys",
+        ids.join(",")
     )
-    .bind(releases)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 async fn record(pool: &PgPool, failure: &FailedAttempt<'_>, writer: &str) -> Result<(), DatabaseUnavailable> {

@@ -109,6 +109,196 @@ pub async fn save_result(
     .await
 }
 
+/// One envelope of a batch to claim in `claim_batch`.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest<'a> {
+    pub envelope: &'a Envelope,
+    pub payload_hash: &'a str,
+    pub attempt: u32,
+}
+
+/// Claims the keys of a whole batch in one statement, in batch order, and
+/// returns, in that order, the `accepted` row each envelope now owns. `None`
+/// means the key was accepted before (by another transaction, or by an
+/// earlier envelope of this batch): the caller answers it with
+/// `accepted_results` / `record_duplicates`. Like `try_processing`, this
+/// waits for another transaction that holds one of the keys.
+pub async fn claim_batch(
+    conn: &mut PgConnection,
+    requests: &[ClaimRequest<'_>],
+    writer: &str,
+) -> Result<Vec<Option<Uuid>>, sqlx::Error> {
+    let columns = LedgerColumns::of(requests);
+    let claimed: Vec<(String, String, Uuid)> = sqlx::query_as(
+        "INSERT INTO ops.event_ingest_log
+             (source_system, event_type, idempotency_key, schema_version, release_id, payload_hash,
+              processing_status, response_code, attempt, created_by)
+         SELECT source_system, event_type, idempotency_key, schema_version, release_id, payload_hash,
+                'accepted', 200, attempt, $8
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::int[])
+              WITH ORDINALITY AS t(source_system, event_type, idempotency_key, schema_version, release_id,
+                                   payload_hash, attempt, position)
+         ORDER BY position
+         ON CONFLICT (idempotency_key) WHERE processing_status = 'accepted' DO NOTHING
+         RETURNING idempotency_key, payload_hash, ingest_id",
+    )
+    .bind(&columns.source_systems)
+    .bind(&columns.event_types)
+    .bind(&columns.keys)
+    .bind(&columns.schema_versions)
+    .bind(&columns.release_ids)
+    .bind(&columns.payload_hashes)
+    .bind(&columns.attempts)
+    .bind(writer)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut owners: std::collections::HashMap<(String, String), Uuid> = claimed
+        .into_iter()
+        .map(|(key, hash, ingest_id)| ((key, hash), ingest_id))
+        .collect();
+    // The row of a key goes to its first envelope with the claimed hash.
+    Ok(requests
+        .iter()
+        .map(|request| {
+            owners.remove(&(
+                request.envelope.idempotency_key.clone(),
+                request.payload_hash.to_owned(),
+            ))
+        })
+        .collect())
+}
+
+/// The column arrays of a batch insert into the ledger.
+struct LedgerColumns<'a> {
+    source_systems: Vec<&'a str>,
+    event_types: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    schema_versions: Vec<&'a str>,
+    release_ids: Vec<Uuid>,
+    payload_hashes: Vec<&'a str>,
+    attempts: Vec<i32>,
+}
+
+impl<'a> LedgerColumns<'a> {
+    fn of(requests: &[ClaimRequest<'a>]) -> Self {
+        LedgerColumns {
+            source_systems: requests
+                .iter()
+                .map(|r| r.envelope.source_system.as_str())
+                .collect(),
+            event_types: requests.iter().map(|r| r.envelope.event_type.as_str()).collect(),
+            keys: requests
+                .iter()
+                .map(|r| r.envelope.idempotency_key.as_str())
+                .collect(),
+            schema_versions: requests
+                .iter()
+                .map(|r| r.envelope.schema_version.as_str())
+                .collect(),
+            release_ids: requests.iter().map(|r| r.envelope.release_id).collect(),
+            payload_hashes: requests.iter().map(|r| r.payload_hash).collect(),
+            attempts: requests.iter().map(|r| attempt_column(r.attempt)).collect(),
+        }
+    }
+}
+
+/// The payload hash and stored result of the `accepted` row of each key that
+/// has one (keys without one are left out).
+pub async fn accepted_results(
+    conn: &mut PgConnection,
+    keys: &[&str],
+) -> Result<std::collections::HashMap<String, (String, Value)>, sqlx::Error> {
+    let rows: Vec<(String, String, Option<Value>)> = sqlx::query_as(
+        "SELECT idempotency_key, payload_hash, result FROM ops.event_ingest_log
+         WHERE idempotency_key = ANY ($1) AND processing_status = 'accepted'",
+    )
+    .bind(keys)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(key, hash, result)| (key, (hash, result.unwrap_or(Value::Null))))
+        .collect())
+}
+
+/// A result to store on a claimed row; see `save_result`.
+#[derive(Debug, Clone)]
+pub struct PendingResult {
+    pub ingest_id: Uuid,
+    pub result: Value,
+    pub gate_status_of: Option<Uuid>,
+}
+
+/// `save_result` for many rows in one statement; returns each stored result
+/// by ingest id. A `gate_status` is read as derived at this point, so the
+/// caller saves an event's result here only when no later write of the same
+/// transaction can have changed that gate.
+pub async fn save_results(
+    conn: &mut PgConnection,
+    pending: &[PendingResult],
+) -> Result<std::collections::HashMap<Uuid, Value>, sqlx::Error> {
+    if pending.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let ids: Vec<Uuid> = pending.iter().map(|p| p.ingest_id).collect();
+    let results: Vec<&Value> = pending.iter().map(|p| &p.result).collect();
+    let gates: Vec<Option<Uuid>> = pending.iter().map(|p| p.gate_status_of).collect();
+    let rows: Vec<(Uuid, Value)> = sqlx::query_as(
+        "UPDATE ops.event_ingest_log l
+         SET result = CASE WHEN t.gate_id IS NULL THEN t.result
+                           ELSE t.result || jsonb_build_object('gate_status',
+                                (SELECT status::text FROM ops.release_gates WHERE gate_id = t.gate_id))
+                      END
+         FROM unnest($1::uuid[], $2::jsonb[], $3::uuid[]) AS t(ingest_id, result, gate_id)
+         WHERE l.ingest_id = t.ingest_id
+         RETURNING l.ingest_id, l.result",
+    )
+    .bind(&ids)
+    .bind(&results)
+    .bind(&gates)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Writes the `duplicate` rows of a batch, each repeating the accepted
+/// result it is answered with.
+pub async fn record_duplicates(
+    conn: &mut PgConnection,
+    duplicates: &[(ClaimRequest<'_>, &Value)],
+    writer: &str,
+) -> Result<(), sqlx::Error> {
+    if duplicates.is_empty() {
+        return Ok(());
+    }
+    let requests: Vec<ClaimRequest<'_>> = duplicates.iter().map(|(request, _)| *request).collect();
+    let columns = LedgerColumns::of(&requests);
+    let results: Vec<&Value> = duplicates.iter().map(|(_, result)| *result).collect();
+    sqlx::query(
+        "INSERT INTO ops.event_ingest_log
+             (source_system, event_type, idempotency_key, schema_version, release_id, payload_hash,
+              processing_status, response_code, result, attempt, created_by)
+         SELECT source_system, event_type, idempotency_key, schema_version, release_id, payload_hash,
+                'duplicate', 200, result, attempt, $9
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::int[],
+                     $8::jsonb[])
+              AS t(source_system, event_type, idempotency_key, schema_version, release_id,
+                   payload_hash, attempt, result)",
+    )
+    .bind(&columns.source_systems)
+    .bind(&columns.event_types)
+    .bind(&columns.keys)
+    .bind(&columns.schema_versions)
+    .bind(&columns.release_ids)
+    .bind(&columns.payload_hashes)
+    .bind(&columns.attempts)
+    .bind(&results)
+    .bind(writer)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// A failed attempt: `rejected` (permanent) or `error` (transient).
 #[derive(Debug, Clone)]
 pub struct FailedAttempt<'a> {

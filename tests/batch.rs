@@ -123,6 +123,116 @@ async fn the_same_key_twice_in_a_batch_is_applied_once() {
 }
 
 #[tokio::test]
+async fn duplicates_of_earlier_and_of_same_batch_keys_are_answered_in_the_shared_transaction() {
+    let db = TestDb::new().await;
+    let first = fresh_release();
+    let second = fresh_release();
+    let created = release_created(first, "v1");
+    let earlier = process(&db.pool, &bodies(&[created.clone()])).await;
+    assert_eq!(earlier[0].status, Status::Accepted);
+
+    let check = g1_check(first, "unit_tests", "pass");
+    let other = release_created(second, "v2");
+    let other_check = g1_check(second, "lint", "fail");
+    let outcomes = process(
+        &db.pool,
+        &bodies(&[
+            check.clone(),
+            created.clone(),
+            other.clone(),
+            check.clone(),
+            other_check.clone(),
+        ]),
+    )
+    .await;
+    let statuses: Vec<Status> = outcomes.iter().map(|o| o.status).collect();
+    assert_eq!(
+        statuses,
+        vec![
+            Status::Accepted,
+            Status::Duplicate,
+            Status::Accepted,
+            Status::Duplicate,
+            Status::Accepted
+        ]
+    );
+    assert_eq!(
+        outcomes[1].result, earlier[0].result,
+        "the result accepted before"
+    );
+    assert_eq!(
+        outcomes[3].result, outcomes[0].result,
+        "the result accepted in the batch"
+    );
+    assert_eq!(outcomes[0].result.as_ref().unwrap()["gate_status"], "passed");
+    assert_eq!(outcomes[4].result.as_ref().unwrap()["gate_status"], "failed");
+    assert_eq!(
+        ledger_transactions(&db.pool).await,
+        2,
+        "the earlier transaction and one for the whole batch"
+    );
+    assert_eq!(
+        ledger(&db.pool, &key_of(&created)).await,
+        vec![("accepted".to_owned(), 200), ("duplicate".to_owned(), 200)]
+    );
+    assert_eq!(
+        ledger(&db.pool, &key_of(&check)).await,
+        vec![("accepted".to_owned(), 200), ("duplicate".to_owned(), 200)]
+    );
+    // Every stored result is the one returned, duplicates included.
+    let stored: Vec<(String, String, Value)> = sqlx::query_as(
+        "SELECT idempotency_key, processing_status::text, result FROM ops.event_ingest_log
+         WHERE xmin::text <> (SELECT xmin::text FROM ops.event_ingest_log WHERE idempotency_key = $1
+                              AND processing_status = 'accepted')",
+    )
+    .bind(key_of(&created))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored.len(), 5);
+    for (envelope, outcome) in [&check, &created, &other, &check, &other_check]
+        .iter()
+        .zip(&outcomes)
+    {
+        let status = if outcome.status == Status::Accepted {
+            "accepted"
+        } else {
+            "duplicate"
+        };
+        assert!(
+            stored.iter().any(|(key, s, result)| key == &key_of(envelope)
+                && s == status
+                && Some(result) == outcome.result.as_ref()),
+            "{status} row of {} stores {:?}",
+            key_of(envelope),
+            outcome.result
+        );
+    }
+    let checks: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.gate_checks")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(checks, 2, "no second effect");
+}
+
+#[tokio::test]
+async fn a_key_reused_inside_a_batch_is_rejected_like_a_single_message() {
+    let db = TestDb::new().await;
+    let release = fresh_release();
+    let created = release_created(release, "v1");
+    let mut reused = g1_check(release, "lint", "pass");
+    reused["idempotency_key"] = created["idempotency_key"].clone();
+    let outcomes = process(&db.pool, &bodies(&[created.clone(), reused])).await;
+    let summary: Vec<(Status, u16)> = outcomes.iter().map(|o| (o.status, o.code)).collect();
+    assert_eq!(summary, vec![(Status::Accepted, 200), (Status::Rejected, 422)]);
+    let checks: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.gate_checks")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(checks, 0);
+}
+
+#[tokio::test]
 async fn a_failing_delivery_leaves_every_other_outcome_as_if_processed_alone() {
     let db = TestDb::new().await;
     let known = fresh_release();
