@@ -128,7 +128,7 @@ async fn duplicates_of_earlier_and_of_same_batch_keys_are_answered_in_the_shared
     let first = fresh_release();
     let second = fresh_release();
     let created = release_created(first, "v1");
-    let earlier = process(&db.pool, &bodies(&[created.clone()])).await;
+    let earlier = process(&db.pool, &bodies(std::slice::from_ref(&created))).await;
     assert_eq!(earlier[0].status, Status::Accepted);
 
     let check = g1_check(first, "unit_tests", "pass");
