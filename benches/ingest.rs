@@ -33,6 +33,8 @@ struct Args {
     seconds: u64,
     /// Leave the database behind for inspection (its name is printed).
     keep_database: bool,
+    /// Print phase 2's latency second by second, to see where a tail comes from.
+    timeline: bool,
 }
 
 fn args() -> Args {
@@ -41,6 +43,7 @@ fn args() -> Args {
         rate: 1_000,
         seconds: 10,
         keep_database: false,
+        timeline: false,
     };
     let raw: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -51,6 +54,7 @@ fn args() -> Args {
             ("--rate", Some(v)) => args.rate = v,
             ("--seconds", Some(v)) => args.seconds = v,
             ("--keep-database", _) => args.keep_database = true,
+            ("--timeline", _) => args.timeline = true,
             _ => {}
         }
         i += 1;
@@ -297,8 +301,10 @@ async fn main() {
         .fetch_one(&pool)
         .await
         .unwrap();
+    let vacuums: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
     let vacuum = (autovacuum == "off").then(|| {
         let pool = pool.clone();
+        let vacuums = vacuums.clone();
         tokio::spawn(async move {
             let Ok(mut conn) = pool.acquire().await else {
                 return;
@@ -310,12 +316,16 @@ async fn main() {
                 .await;
             loop {
                 tokio::time::sleep(Duration::from_secs(10)).await;
+                let started = Instant::now();
                 let _ = sqlx::query(
                     "VACUUM (ANALYZE) ops.release_gates, ops.releases, ops.deployments, ops.event_ingest_log,
                      ops.gate_checks, ops.approvals, ops.evidence_artifacts",
                 )
                 .execute(&mut *conn)
                 .await;
+                if let Ok(mut v) = vacuums.lock() {
+                    v.push((started, Instant::now()));
+                }
             }
         })
     });
@@ -424,7 +434,8 @@ async fn main() {
         .await
         .expect("reply queue");
     let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
-    let latencies: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
+    // (seconds into the phase when published, latency in ms)
+    let latencies: Arc<Mutex<Vec<(f64, f64)>>> = Arc::new(Mutex::new(Vec::new()));
     let reply_channel = connection.create_channel().await.unwrap();
     let mut replies = reply_channel
         .basic_consume(
@@ -438,6 +449,7 @@ async fn main() {
         )
         .await
         .unwrap();
+    let phase_started = Instant::now();
     let collector = {
         let sent_at = sent_at.clone();
         let latencies = latencies.clone();
@@ -452,7 +464,10 @@ async fn main() {
                 if let Some(start) = sent_at.lock().map(|mut m| m.remove(&id)).ok().flatten()
                     && let Ok(mut l) = latencies.lock()
                 {
-                    l.push(start.elapsed().as_secs_f64() * 1000.0);
+                    l.push((
+                        start.duration_since(phase_started).as_secs_f64(),
+                        start.elapsed().as_secs_f64() * 1000.0,
+                    ));
                 }
             }
         })
@@ -460,7 +475,6 @@ async fn main() {
     let offered = (args.rate * args.seconds) as usize;
     let paced = workload(offered);
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
-    let phase_started = Instant::now();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     for (i, body) in paced.iter().enumerate() {
@@ -489,7 +503,8 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     collector.abort();
-    let mut sorted = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    let timed = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    let mut sorted: Vec<f64> = timed.iter().map(|(_, latency)| *latency).collect();
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     println!(
         "\n  phase 2: {} events offered at {} events/s ({offer_secs:.1}s)",
@@ -502,6 +517,30 @@ async fn main() {
         percentile(&sorted, 0.99),
         sorted.last().copied().unwrap_or(f64::NAN)
     );
+    if args.timeline {
+        for second in 0..args.seconds {
+            let mut in_second: Vec<f64> = timed
+                .iter()
+                .filter(|(at, _)| *at as u64 == second)
+                .map(|(_, latency)| *latency)
+                .collect();
+            in_second.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+            let from = phase_started + Duration::from_secs(second);
+            let to = from + Duration::from_secs(1);
+            let vacuuming = vacuums
+                .lock()
+                .map(|v| v.iter().any(|(start, end)| *start < to && *end > from))
+                .unwrap_or(false);
+            println!(
+                "      second {second:>3}: {:>5} replies, p50 {:>6.1} ms, p99 {:>6.1} ms, max {:>6.1} ms{}",
+                in_second.len(),
+                percentile(&in_second, 0.50),
+                percentile(&in_second, 0.99),
+                in_second.last().copied().unwrap_or(f64::NAN),
+                if vacuuming { "  (VACUUM running)" } else { "" }
+            );
+        }
+    }
     println!(
         "    worker RSS after both phases: {:.1} MiB (peak {:.1} MiB)",
         rss_kib(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0,
