@@ -143,6 +143,9 @@ pub struct WorkerSettings {
     /// Most deliveries applied in one database transaction (those already
     /// received when a slot frees up; a batch never waits to fill).
     pub batch_size: usize,
+    /// Batches applied at once, each in one transaction on its own pooled
+    /// connection (at most `database.max_connections`).
+    pub max_transactions: usize,
     /// Bodies larger than this are rejected with 413.
     pub max_body_bytes: usize,
     /// On SIGTERM, how long in-flight messages may take before the worker exits.
@@ -371,6 +374,14 @@ impl Settings {
 
         positive("worker.max_in_flight", self.worker.max_in_flight as u64)?;
         positive("worker.batch_size", self.worker.batch_size as u64)?;
+        positive("worker.max_transactions", self.worker.max_transactions as u64)?;
+        if self.worker.max_transactions > self.database.max_connections as usize {
+            return Err(ConfigError::invalid(
+                "worker.max_transactions",
+                &self.worker.max_transactions.to_string(),
+                "must not exceed database.max_connections",
+            ));
+        }
         positive("worker.max_body_bytes", self.worker.max_body_bytes as u64)?;
         positive("worker.shutdown_timeout_secs", self.worker.shutdown_timeout_secs)?;
         positive("worker.database_retry_max_ms", self.worker.database_retry_max_ms)?;

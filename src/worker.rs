@@ -95,6 +95,7 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), W
         prefetch: settings.amqp.prefetch,
         max_in_flight: settings.worker.max_in_flight,
         batch_size: settings.worker.batch_size,
+        max_transactions: settings.worker.max_transactions,
         confirm_timeout: settings.amqp.confirm_timeout(),
         jitter: settings.retry.jitter,
         database_retry_max: std::time::Duration::from_millis(settings.worker.database_retry_max_ms),

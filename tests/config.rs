@@ -100,6 +100,19 @@ fn a_bad_value_names_the_key() {
     .unwrap_err();
     assert!(matches!(error, ConfigError::Invalid { ref key, .. } if key == "database.max_connections"));
 
+    // More transactions at once than pooled connections would only queue.
+    let error = config::load_from(
+        &config_dir(),
+        &env(&[
+            ("OPSGATE__DATABASE__MAX_CONNECTIONS", "4"),
+            ("OPSGATE__WORKER__MAX_TRANSACTIONS", "5"),
+        ]),
+    )
+    .unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("worker.max_transactions"), "{message}");
+    assert!(message.contains("database.max_connections"), "{message}");
+
     let error = config::load_from(
         &config_dir(),
         &env(&[("OPSGATE__AMQP__URL", "http://u:secret@mq/")]),

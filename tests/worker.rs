@@ -7,6 +7,7 @@ use common::seed;
 use common::worker::*;
 use common::*;
 use serde_json::{Value, json};
+use std::time::Duration;
 use uuid::Uuid;
 
 async fn release_count(db: &TestDb) -> i64 {
@@ -642,6 +643,78 @@ async fn deliveries_already_queued_are_applied_in_batches_of_at_most_batch_size(
         "never more than worker.batch_size per transaction: {sizes:?}"
     );
     assert_eq!(release_count(&db).await, 40);
+    worker.stop().await;
+    producer.finish().await;
+}
+
+#[tokio::test]
+async fn a_batch_is_put_together_when_a_transaction_slot_frees_up() {
+    let db = TestDb::new().await;
+    let settings = settings_for(
+        &db,
+        &[
+            ("OPSGATE__WORKER__MAX_TRANSACTIONS", "1"),
+            ("OPSGATE__WORKER__BATCH_SIZE", "8"),
+        ],
+    );
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+    let blocked = fresh_release();
+    producer.publish(&release_created(blocked, "blocked")).await;
+    wait_for_count(&db.pool, "SELECT count(*) FROM ops.releases", 1, SECS_10).await;
+
+    // Hold the release lock the worker takes, so that the only transaction
+    // slot stays busy with the next event of that release.
+    let mut holder = db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1::text, 0))")
+        .bind(blocked)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    producer
+        .publish(&envelope(
+            "check_result",
+            blocked,
+            Some("G1"),
+            json!({"check_name": "lint", "status": "pass"}),
+        ))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for n in 0..6 {
+        producer
+            .publish(&release_created(fresh_release(), &format!("v{n}")))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        release_count(&db).await,
+        1,
+        "nothing else starts while the one transaction slot is busy"
+    );
+
+    sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1::text, 0))")
+        .bind(blocked)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let done = wait_for_count(
+        &db.pool,
+        "SELECT count(*) FROM ops.event_ingest_log WHERE processing_status = 'accepted'",
+        8,
+        SECS_10,
+    )
+    .await;
+    assert_eq!(done, 8);
+    // The six that waited went together, in one transaction.
+    let waited: Vec<i64> = sqlx::query_scalar(
+        "SELECT count(*) FROM ops.event_ingest_log WHERE event_type = 'release_created' AND release_id <> $1
+         GROUP BY xmin::text",
+    )
+    .bind(blocked)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(waited, vec![6], "one batch for the deliveries that waited");
     worker.stop().await;
     producer.finish().await;
 }

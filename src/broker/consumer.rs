@@ -44,6 +44,8 @@ pub struct ConsumerContext {
     pub max_in_flight: usize,
     /// Most deliveries applied in one transaction.
     pub batch_size: usize,
+    /// Batches applied at once, each in its own transaction.
+    pub max_transactions: usize,
     pub confirm_timeout: Duration,
     /// Each retry delay is shortened by up to this fraction at random.
     pub jitter: f64,
@@ -92,11 +94,24 @@ pub async fn consume(
         max_in_flight = context.max_in_flight, "consuming");
 
     let slots = Arc::new(Semaphore::new(context.max_in_flight));
+    // A batch is put together only once it can start: while every
+    // transaction slot is busy, deliveries gather in the prefetch buffer and
+    // the next batch takes them all (up to batch_size). Under load batches
+    // grow and each message costs less; a quiet queue still gets
+    // one-message transactions at once.
+    let transactions = Arc::new(Semaphore::new(context.max_transactions));
     let mut tasks = JoinSet::new();
     let end = loop {
         while let Some(finished) = tasks.try_join_next() {
             report_panic(finished);
         }
+        let transaction = tokio::select! {
+            () = cancel.cancelled() => break SessionEnd::Cancelled,
+            permit = transactions.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break SessionEnd::Cancelled,
+            },
+        };
         let mut permit = tokio::select! {
             () = cancel.cancelled() => break SessionEnd::Cancelled,
             permit = slots.clone().acquire_owned() => match permit {
@@ -141,7 +156,7 @@ pub async fn consume(
         let publisher = publisher.clone();
         let cancel_batch = cancel.clone();
         tasks.spawn(async move {
-            handle(batch, &context, &publisher, &cancel_batch).await;
+            handle(batch, transaction, &context, &publisher, &cancel_batch).await;
             drop(permit);
         });
         if let Some(reason) = lost {
@@ -185,9 +200,11 @@ fn report_panic(finished: Result<(), tokio::task::JoinError>) {
 }
 
 /// Processes a batch of deliveries to the end: outcomes (one transaction
-/// when they all succeed), replies, dispositions.
+/// when they all succeed), replies, dispositions. The transaction slot is
+/// given back as soon as the database is done with the batch.
 async fn handle(
     deliveries: Vec<lapin::message::Delivery>,
+    transaction: tokio::sync::OwnedSemaphorePermit,
     context: &ConsumerContext,
     publisher: &Publisher,
     cancel: &CancellationToken,
@@ -221,6 +238,7 @@ async fn handle(
             }
         }
     };
+    drop(transaction);
     // Replies, retries and dead letters each wait for a confirm: wait for
     // them together rather than one after the other.
     futures_util::future::join_all(deliveries.iter().zip(&attempts).zip(outcomes).map(
