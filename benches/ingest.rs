@@ -250,6 +250,65 @@ async fn exact(pool: &sqlx::PgPool) -> i64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) a process has used so far, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name, which may hold spaces: utime and stime
+    // are the 14th and 15th fields of the line.
+    let Some(rest) = stat.rfind(')').map(|end| &stat[end + 2..]) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    // USER_HZ is 100 on Linux.
+    ticks as f64 / 100.0
+}
+
+/// The processes whose command line contains `needle`.
+fn pids_matching(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|cmdline| String::from_utf8_lossy(&cmdline).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// CPU used so far by each side of the drain: the worker, the PostgreSQL
+/// backends of the bench database, and RabbitMQ (when this user can read it).
+struct CpuSnapshot {
+    worker: f64,
+    postgres: HashMap<u32, f64>,
+    rabbitmq: f64,
+}
+
+async fn cpu_snapshot(pool: &sqlx::PgPool, worker: u32) -> CpuSnapshot {
+    let backends: Vec<i32> =
+        sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default();
+    CpuSnapshot {
+        worker: cpu_secs(worker),
+        postgres: backends
+            .into_iter()
+            .filter_map(|pid| u32::try_from(pid).ok())
+            .map(|pid| (pid, cpu_secs(pid)))
+            .collect(),
+        rabbitmq: pids_matching("rabbit").into_iter().map(cpu_secs).sum(),
+    }
+}
+
 fn spawn_worker(database_url: &str, namespace: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_opsgate"))
         .arg("--config-dir")
@@ -365,6 +424,7 @@ async fn main() {
 
     let mut worker = spawn_worker(database.url.expose(), &namespace);
     let pid = worker.id();
+    let cpu_before = cpu_snapshot(&pool, pid).await;
     let drain_started = Instant::now();
     let mut samples: Vec<(f64, i64, u64)> = Vec::new();
     let mut last_counter = -1;
@@ -389,6 +449,7 @@ async fn main() {
         }
     }
     let drain = drain_started.elapsed().as_secs_f64();
+    let cpu_after = cpu_snapshot(&pool, pid).await;
     let peak = rss_kib(pid, "VmHWM:").unwrap_or(0);
     let accepted: i64 =
         sqlx::query_scalar("SELECT count(*) FROM ops.event_ingest_log WHERE processing_status = 'accepted'")
@@ -407,6 +468,23 @@ async fn main() {
         "    end to end: {:.0} messages/s, {:.0} accepted events/s ({drain:.1}s)",
         bodies.len() as f64 / drain,
         accepted as f64 / drain
+    );
+    // CPU per message is steadier than messages per second on a shared
+    // machine: it does not count what other processes take from us.
+    let per_message = |secs: f64| secs * 1000.0 / bodies.len() as f64;
+    let postgres: f64 = cpu_after
+        .postgres
+        .iter()
+        .map(|(pid, after)| after - cpu_before.postgres.get(pid).copied().unwrap_or(0.0))
+        .sum();
+    let worker_cpu = cpu_after.worker - cpu_before.worker;
+    let rabbitmq = cpu_after.rabbitmq - cpu_before.rabbitmq;
+    println!(
+        "    CPU per message: PostgreSQL {:.2} ms, worker {:.2} ms, RabbitMQ {:.2} ms, together {:.2} ms",
+        per_message(postgres),
+        per_message(worker_cpu),
+        per_message(rabbitmq),
+        per_message(postgres + worker_cpu + rabbitmq)
     );
     println!("    worker RSS: peak {:.1} MiB", peak as f64 / 1024.0);
     for quarter in [0.25, 0.5, 0.75, 1.0] {
