@@ -454,6 +454,12 @@ async fn apply(
 /// All of a transaction's locks are taken at its start and in one order, so
 /// two transactions never wait on each other's release locks in a cycle.
 /// The locks travel with BEGIN in one simple-query message: one round trip.
+/// They come first, in the implicit transaction of that message, which BEGIN
+/// then takes into the transaction block (PostgreSQL's rule for a BEGIN
+/// after other statements of one query string). Were the lock statement
+/// after BEGIN, its failure (a lock timeout, a cancel) would leave the
+/// pooled connection in an aborted transaction that sqlx does not know it
+/// has opened; before BEGIN, a failure ends the message with nothing open.
 async fn begin_locked(
     pool: &PgPool,
     releases: &[Uuid],
@@ -466,9 +472,10 @@ async fn begin_locked(
 fn begin_and_lock_sql(releases: &[Uuid]) -> String {
     let ids: Vec<String> = releases.iter().map(Uuid::to_string).collect();
     format!(
-        "BEGIN; SELECT pg_advisory_xact_lock(key)
+        "SELECT pg_advisory_xact_lock(key)
          FROM (SELECT DISTINCT hashtextextended(id::text, 0) AS key FROM unnest('{{{}}}'::uuid[]) AS id
-               ORDER BY key) AS keys",
+               ORDER BY key) AS keys;
+         BEGIN",
         ids.join(",")
     )
 }

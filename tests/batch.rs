@@ -306,3 +306,90 @@ async fn an_unreachable_database_holds_the_whole_batch() {
         "nothing is decided while PostgreSQL is down: {result:?}"
     );
 }
+
+#[tokio::test]
+async fn a_release_lock_that_times_out_is_retried_and_leaves_the_connection_usable() {
+    let db = TestDb::new().await;
+    // One connection, on which waiting for a lock gives up quickly.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query("SET lock_timeout = '200ms'").execute(conn).await?;
+                Ok(())
+            })
+        })
+        .connect(db.settings.url.expose())
+        .await
+        .unwrap();
+    let release = fresh_release();
+    let created = release_created(release, "v1");
+    let outcomes = process(&pool, &bodies(std::slice::from_ref(&created))).await;
+    assert_eq!(outcomes[0].status, Status::Accepted);
+
+    let mut holder = db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1::text, 0))")
+        .bind(release)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let check = g1_check(release, "lint", "pass");
+    let outcomes = process(&pool, &bodies(std::slice::from_ref(&check))).await;
+    assert_eq!(
+        (outcomes[0].status, outcomes[0].code, outcomes[0].next),
+        (Status::Error, 503, Next::Retry),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes[0].error.as_deref().unwrap_or("").contains("lock"),
+        "{outcomes:?}"
+    );
+    sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1::text, 0))")
+        .bind(release)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    // The same (only) connection works for the next delivery.
+    let outcomes = process(&pool, &bodies(std::slice::from_ref(&check))).await;
+    assert_eq!(outcomes[0].status, Status::Accepted, "{outcomes:?}");
+}
+
+#[tokio::test]
+async fn the_release_lock_is_held_until_the_transaction_ends() {
+    let db = TestDb::new().await;
+    let release = fresh_release();
+    let created = release_created(release, "v1");
+    process(&db.pool, &bodies(std::slice::from_ref(&created))).await;
+    // Make the handler's write slow, to look at the lock while it runs.
+    sqlx::raw_sql(
+        "CREATE FUNCTION public.slow_down() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN PERFORM pg_sleep(0.5); RETURN NEW; END $$;
+         CREATE TRIGGER slow_down BEFORE INSERT ON ops.gate_checks
+             FOR EACH ROW EXECUTE FUNCTION public.slow_down();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let pool = db.pool.clone();
+    let check = bodies(&[g1_check(release, "lint", "pass")]);
+    let running = tokio::spawn(async move { process(&pool, &check).await });
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    let free_while_running: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1::text, 0))")
+            .bind(release)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(!free_while_running, "the handler runs under the release lock");
+    let outcomes = running.await.unwrap();
+    assert_eq!(outcomes[0].status, Status::Accepted);
+    let mut conn = db.pool.acquire().await.unwrap();
+    let free_after: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1::text, 0))")
+        .bind(release)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(free_after, "the commit releases it");
+}
