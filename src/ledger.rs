@@ -117,8 +117,11 @@ pub struct ClaimRequest<'a> {
     pub attempt: u32,
 }
 
-/// Claims the keys of a whole batch in one statement, in batch order, and
-/// returns, in that order, the `accepted` row each envelope now owns. `None`
+/// Claims the keys of a whole batch in one statement and returns, in batch
+/// order, the `accepted` row each envelope now owns. Keys are claimed in key
+/// order, so two batches that share keys wait for each other's keys in the
+/// same order and never deadlock; the same key twice goes to its first
+/// envelope. `None`
 /// means the key was accepted before (by another transaction, or by an
 /// earlier envelope of this batch): the caller answers it with
 /// `accepted_results` / `record_duplicates`. Like `try_processing`, this
@@ -138,7 +141,7 @@ pub async fn claim_batch(
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::int[])
               WITH ORDINALITY AS t(source_system, event_type, idempotency_key, schema_version, release_id,
                                    payload_hash, attempt, position)
-         ORDER BY position
+         ORDER BY idempotency_key, position
          ON CONFLICT (idempotency_key) WHERE processing_status = 'accepted' DO NOTHING
          RETURNING idempotency_key, payload_hash, ingest_id",
     )
