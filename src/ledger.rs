@@ -4,7 +4,9 @@
 //! the same transaction as the handler's writes.
 
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{PgConnection, Postgres, Row};
 use uuid::Uuid;
 
 use crate::envelope::{Envelope, Partial};
@@ -132,8 +134,9 @@ pub async fn claim_batch(
     writer: &str,
 ) -> Result<Vec<Option<Uuid>>, sqlx::Error> {
     let columns = LedgerColumns::of(requests);
-    let claimed: Vec<(String, String, Uuid)> = sqlx::query_as(
-        "INSERT INTO ops.event_ingest_log
+    let claimed = columns
+        .bind(sqlx::query(
+            "INSERT INTO ops.event_ingest_log
              (source_system, event_type, idempotency_key, schema_version, release_id, payload_hash,
               processing_status, response_code, attempt, created_by)
          SELECT source_system, event_type, idempotency_key, schema_version, release_id, payload_hash,
@@ -144,21 +147,16 @@ pub async fn claim_batch(
          ORDER BY idempotency_key, position
          ON CONFLICT (idempotency_key) WHERE processing_status = 'accepted' DO NOTHING
          RETURNING idempotency_key, payload_hash, ingest_id",
-    )
-    .bind(&columns.source_systems)
-    .bind(&columns.event_types)
-    .bind(&columns.keys)
-    .bind(&columns.schema_versions)
-    .bind(&columns.release_ids)
-    .bind(&columns.payload_hashes)
-    .bind(&columns.attempts)
-    .bind(writer)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut owners: std::collections::HashMap<(String, String), Uuid> = claimed
-        .into_iter()
-        .map(|(key, hash, ingest_id)| ((key, hash), ingest_id))
-        .collect();
+        ))
+        .bind(writer)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut owners = std::collections::HashMap::with_capacity(claimed.len());
+    for row in claimed {
+        let key: String = row.try_get(0)?;
+        let hash: String = row.try_get(1)?;
+        owners.insert((key, hash), row.try_get::<Uuid, _>(2)?);
+    }
     // The row of a key goes to its first envelope with the claimed hash.
     Ok(requests
         .iter()
@@ -202,6 +200,18 @@ impl<'a> LedgerColumns<'a> {
             payload_hashes: requests.iter().map(|r| r.payload_hash).collect(),
             attempts: requests.iter().map(|r| attempt_column(r.attempt)).collect(),
         }
+    }
+
+    /// Binds the columns as $1..$7, in the order of the struct.
+    fn bind<'q>(&'q self, query: Query<'q, Postgres, PgArguments>) -> Query<'q, Postgres, PgArguments> {
+        query
+            .bind(&self.source_systems)
+            .bind(&self.event_types)
+            .bind(&self.keys)
+            .bind(&self.schema_versions)
+            .bind(&self.release_ids)
+            .bind(&self.payload_hashes)
+            .bind(&self.attempts)
     }
 }
 
@@ -277,8 +287,9 @@ pub async fn record_duplicates(
     let requests: Vec<ClaimRequest<'_>> = duplicates.iter().map(|(request, _)| *request).collect();
     let columns = LedgerColumns::of(&requests);
     let results: Vec<&Value> = duplicates.iter().map(|(_, result)| *result).collect();
-    sqlx::query(
-        "INSERT INTO ops.event_ingest_log
+    columns
+        .bind(sqlx::query(
+            "INSERT INTO ops.event_ingest_log
              (source_system, event_type, idempotency_key, schema_version, release_id, payload_hash,
               processing_status, response_code, result, attempt, created_by)
          SELECT source_system, event_type, idempotency_key, schema_version, release_id, payload_hash,
@@ -287,18 +298,11 @@ pub async fn record_duplicates(
                      $8::jsonb[])
               AS t(source_system, event_type, idempotency_key, schema_version, release_id,
                    payload_hash, attempt, result)",
-    )
-    .bind(&columns.source_systems)
-    .bind(&columns.event_types)
-    .bind(&columns.keys)
-    .bind(&columns.schema_versions)
-    .bind(&columns.release_ids)
-    .bind(&columns.payload_hashes)
-    .bind(&columns.attempts)
-    .bind(&results)
-    .bind(writer)
-    .execute(conn)
-    .await?;
+        ))
+        .bind(&results)
+        .bind(writer)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
