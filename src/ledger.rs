@@ -120,14 +120,13 @@ pub struct ClaimRequest<'a> {
 }
 
 /// Claims the keys of a whole batch in one statement and returns, in batch
-/// order, the `accepted` row each envelope now owns. Keys are claimed in key
-/// order, so two batches that share keys wait for each other's keys in the
-/// same order and never deadlock; the same key twice goes to its first
-/// envelope. `None`
-/// means the key was accepted before (by another transaction, or by an
-/// earlier envelope of this batch): the caller answers it with
-/// `accepted_results` / `record_duplicates`. Like `try_processing`, this
-/// waits for another transaction that holds one of the keys.
+/// order, the `accepted` row each envelope now owns. `None` means the key
+/// was accepted before (by another transaction, or by an earlier envelope of
+/// this batch): the caller answers it with `accepted_results` /
+/// `record_duplicates`. Like `try_processing`, this waits for another
+/// transaction that holds one of the keys. Keys are claimed in key order, so
+/// two batches that share keys wait for each other's keys in the same order
+/// and never deadlock; the same key twice goes to its first envelope.
 pub async fn claim_batch(
     conn: &mut PgConnection,
     requests: &[ClaimRequest<'_>],
