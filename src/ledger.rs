@@ -25,6 +25,7 @@ pub enum NextAction {
 
 /// Claims `envelope`'s key by inserting its `accepted` row. When another
 /// transaction holds the key, this waits for it to commit or roll back.
+/// (`claim_batch` and friends for a batch of one.)
 pub async fn try_processing(
     conn: &mut PgConnection,
     envelope: &Envelope,
@@ -32,56 +33,24 @@ pub async fn try_processing(
     attempt: u32,
     writer: &str,
 ) -> Result<NextAction, sqlx::Error> {
-    let claimed: Option<Uuid> = sqlx::query_scalar(
-        "INSERT INTO ops.event_ingest_log
-             (source_system, event_type, idempotency_key, schema_version, release_id, payload_hash,
-              processing_status, response_code, attempt, created_by)
-         VALUES ($1, $2, $3, $4, $5, $6, 'accepted', 200, $7, $8)
-         ON CONFLICT (idempotency_key) WHERE processing_status = 'accepted' DO NOTHING
-         RETURNING ingest_id",
-    )
-    .bind(&envelope.source_system)
-    .bind(envelope.event_type.as_str())
-    .bind(&envelope.idempotency_key)
-    .bind(&envelope.schema_version)
-    .bind(envelope.release_id)
-    .bind(payload_hash)
-    .bind(attempt_column(attempt))
-    .bind(writer)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some(ingest_id) = claimed {
+    let request = ClaimRequest {
+        envelope,
+        payload_hash,
+        attempt,
+    };
+    if let Some(Some(ingest_id)) = claim_batch(&mut *conn, &[request], writer).await?.pop() {
         return Ok(NextAction::StartProcessing { ingest_id });
     }
-
-    let (accepted_hash, result): (String, Option<Value>) = sqlx::query_as(
-        "SELECT payload_hash, result FROM ops.event_ingest_log
-         WHERE idempotency_key = $1 AND processing_status = 'accepted'",
-    )
-    .bind(&envelope.idempotency_key)
-    .fetch_one(&mut *conn)
-    .await?;
+    let key = envelope.idempotency_key.as_str();
+    let (accepted_hash, result) = accepted_results(&mut *conn, &[key])
+        .await?
+        .remove(key)
+        // Not claimed, so an accepted row exists: ON CONFLICT found it.
+        .ok_or(sqlx::Error::RowNotFound)?;
     if accepted_hash != payload_hash {
         return Ok(NextAction::KeyReused { accepted_hash });
     }
-    let result = result.unwrap_or(Value::Null);
-    sqlx::query(
-        "INSERT INTO ops.event_ingest_log
-             (source_system, event_type, idempotency_key, schema_version, release_id, payload_hash,
-              processing_status, response_code, result, attempt, created_by)
-         VALUES ($1, $2, $3, $4, $5, $6, 'duplicate', 200, $7, $8, $9)",
-    )
-    .bind(&envelope.source_system)
-    .bind(envelope.event_type.as_str())
-    .bind(&envelope.idempotency_key)
-    .bind(&envelope.schema_version)
-    .bind(envelope.release_id)
-    .bind(payload_hash)
-    .bind(&result)
-    .bind(attempt_column(attempt))
-    .bind(writer)
-    .execute(&mut *conn)
-    .await?;
+    record_duplicates(conn, &[(request, &result)], writer).await?;
     Ok(NextAction::ReturnSavedResult { result })
 }
 
@@ -95,20 +64,15 @@ pub async fn save_result(
     result: &Value,
     gate_status_of: Option<Uuid>,
 ) -> Result<Value, sqlx::Error> {
-    sqlx::query_scalar(
-        "UPDATE ops.event_ingest_log
-         SET result = CASE WHEN $3::uuid IS NULL THEN $2
-                           ELSE $2 || jsonb_build_object('gate_status',
-                                (SELECT status::text FROM ops.release_gates WHERE gate_id = $3))
-                      END
-         WHERE ingest_id = $1
-         RETURNING result",
-    )
-    .bind(ingest_id)
-    .bind(result)
-    .bind(gate_status_of)
-    .fetch_one(conn)
-    .await
+    let pending = PendingResult {
+        ingest_id,
+        result: result.clone(),
+        gate_status_of,
+    };
+    save_results(conn, &[pending])
+        .await?
+        .remove(&ingest_id)
+        .ok_or(sqlx::Error::RowNotFound)
 }
 
 /// One envelope of a batch to claim in `claim_batch`.
@@ -150,20 +114,20 @@ pub async fn claim_batch(
         .bind(writer)
         .fetch_all(&mut *conn)
         .await?;
-    let mut owners = std::collections::HashMap::with_capacity(claimed.len());
+    let mut owners: std::collections::HashMap<String, (String, Uuid)> =
+        std::collections::HashMap::with_capacity(claimed.len());
     for row in claimed {
-        let key: String = row.try_get(0)?;
-        let hash: String = row.try_get(1)?;
-        owners.insert((key, hash), row.try_get::<Uuid, _>(2)?);
+        owners.insert(row.try_get(0)?, (row.try_get(1)?, row.try_get(2)?));
     }
     // The row of a key goes to its first envelope with the claimed hash.
     Ok(requests
         .iter()
         .map(|request| {
-            owners.remove(&(
-                request.envelope.idempotency_key.clone(),
-                request.payload_hash.to_owned(),
-            ))
+            let key = request.envelope.idempotency_key.as_str();
+            match owners.get(key) {
+                Some((hash, _)) if hash == request.payload_hash => owners.remove(key).map(|(_, id)| id),
+                _ => None,
+            }
         })
         .collect())
 }
