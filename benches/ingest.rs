@@ -2,6 +2,7 @@
 //! real RabbitMQ and PostgreSQL on this machine.
 //!
 //!   cargo bench --bench ingest -- [--events N] [--rate R] [--seconds S] [--keep-database]
+//!                                  [--timeline] [--without-derivation]
 //!
 //! Phase 1 (throughput, memory): preloads N envelopes (a realistic mix of
 //! event types over many releases, 10% of them duplicates) into the ingest
@@ -12,6 +13,11 @@
 //! after its transaction committed.
 //!
 //! Each run uses a database and a namespace of its own and removes both.
+//!
+//! `--without-derivation` is a diagnostic, not a configuration: it disables
+//! the triggers that re-derive gate and release state on every fact, in the
+//! benchmark's own database, to show what the rest of the pipeline (queue,
+//! ledger, handler writes, commit) costs on its own.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -35,6 +41,8 @@ struct Args {
     keep_database: bool,
     /// Print phase 2's latency second by second, to see where a tail comes from.
     timeline: bool,
+    /// Diagnostic: disable the derivation triggers in the benchmark database.
+    without_derivation: bool,
 }
 
 fn args() -> Args {
@@ -44,6 +52,7 @@ fn args() -> Args {
         seconds: 10,
         keep_database: false,
         timeline: false,
+        without_derivation: false,
     };
     let raw: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -55,6 +64,7 @@ fn args() -> Args {
             ("--seconds", Some(v)) => args.seconds = v,
             ("--keep-database", _) => args.keep_database = true,
             ("--timeline", _) => args.timeline = true,
+            ("--without-derivation", _) => args.without_derivation = true,
             _ => {}
         }
         i += 1;
@@ -350,6 +360,18 @@ async fn main() {
         .await
         .expect("migrate the bench database");
     let pool = opsgate::database::connect(&database).await.expect("connect");
+    if args.without_derivation {
+        sqlx::raw_sql(
+            "ALTER TABLE ops.gate_checks DISABLE TRIGGER gate_checks_refresh;
+             ALTER TABLE ops.approvals DISABLE TRIGGER approvals_refresh;
+             ALTER TABLE ops.evidence_artifacts DISABLE TRIGGER evidence_artifacts_refresh;
+             ALTER TABLE ops.exceptions DISABLE TRIGGER exceptions_refresh;
+             ALTER TABLE ops.deployments DISABLE TRIGGER deployments_refresh;",
+        )
+        .execute(&pool)
+        .await
+        .expect("disable the derivation triggers");
+    }
     let synchronous_commit: String = sqlx::query_scalar("SHOW synchronous_commit")
         .fetch_one(&pool)
         .await
@@ -406,6 +428,11 @@ async fn main() {
         "  machine: {} cores, PostgreSQL synchronous_commit = {synchronous_commit}, quorum ingest queue, persistent messages",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
+    if args.without_derivation {
+        println!(
+            "  DIAGNOSTIC RUN: derivation triggers disabled, gate and release state are not derived"
+        );
+    }
     if vacuum.is_some() {
         println!(
             "  autovacuum is off on this server: the benchmark runs VACUUM (ANALYZE) every 10 s in its place"
