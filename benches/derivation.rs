@@ -1,0 +1,241 @@
+//! What gate and release derivation costs per fact, in PostgreSQL alone.
+//!
+//!   cargo bench --bench derivation -- [--releases N] [--rounds R]
+//!
+//! The end-to-end benchmark (`ingest`) shares two cores between RabbitMQ,
+//! PostgreSQL, the worker and itself, so a change of a few percent in the
+//! derivation drowns in its noise. This one takes the queue and the worker
+//! away: it walks N releases through a release's life one step at a time,
+//! each step one `INSERT … SELECT` that writes one fact per release (so the
+//! row triggers run N derivations, exactly as N events would), and times
+//! the statement. It does the same in a second database whose derivation
+//! triggers are disabled; the difference is what derivation costs per fact.
+//! Each round uses new releases; the median of the rounds is printed.
+//!
+//! Both databases are created for the run and dropped at its end.
+
+use std::time::Instant;
+
+use opsgate::config::{DatabaseSettings, SecretUrl};
+use sqlx::{Executor, PgPool};
+use uuid::Uuid;
+
+struct Args {
+    releases: usize,
+    rounds: usize,
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        releases: 500,
+        rounds: 5,
+    };
+    let raw: Vec<String> = std::env::args().collect();
+    for pair in raw.windows(2) {
+        let value = pair[1].parse::<usize>().ok().filter(|v| *v > 0);
+        match (pair[0].as_str(), value) {
+            ("--releases", Some(v)) => args.releases = v,
+            ("--rounds", Some(v)) => args.rounds = v,
+            _ => {}
+        }
+    }
+    args
+}
+
+fn server_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// The steps of a release's life, in order. `$1` is the round's project:
+/// every statement writes one row per release of that round.
+const STEPS: &[(&str, &str)] = &[
+    (
+        "release_created (four pending gates)",
+        "INSERT INTO ops.releases (project, release_name, environment_target, source_ref, initiating_actor)
+         SELECT $1, 'v' || n, 'production', $1 || '-' || n, 'dev-1' FROM generate_series(1, $2) AS n",
+    ),
+    (
+        "G1 check, the first (G1 passes)",
+        "INSERT INTO ops.gate_checks (gate_id, check_name, source_system, status, created_by)
+         SELECT g.gate_id, 'build', 'ci', 'pass', 'ci'
+         FROM ops.releases r JOIN ops.release_gates g ON g.release_id = r.release_id AND g.gate_code = 'G1'
+         WHERE r.project = $1 AND $2 > 0",
+    ),
+    (
+        "G1 check, another (G1 stays passed)",
+        "INSERT INTO ops.gate_checks (gate_id, check_name, source_system, status, created_by)
+         SELECT g.gate_id, 'lint', 'ci', 'warning', 'ci'
+         FROM ops.releases r JOIN ops.release_gates g ON g.release_id = r.release_id AND g.gate_code = 'G1'
+         WHERE r.project = $1 AND $2 > 0",
+    ),
+    (
+        "G2 evidence test_result (G2 in progress)",
+        "INSERT INTO ops.evidence_artifacts (release_id, gate_id, artifact_type, source_system, artifact_url, created_by)
+         SELECT r.release_id, g.gate_id, 'test_result', 'ci', 'https://ci.example/tests', 'ci'
+         FROM ops.releases r JOIN ops.release_gates g ON g.release_id = r.release_id AND g.gate_code = 'G2'
+         WHERE r.project = $1 AND $2 > 0",
+    ),
+    (
+        "G2 approval by QA (G2 passes)",
+        "INSERT INTO ops.approvals (release_id, gate_id, approver_id, persona_role, decision, scope, created_by)
+         SELECT r.release_id, g.gate_id, 'qa-1', 'qa_tester', 'approved', 'gate', 'n8n'
+         FROM ops.releases r JOIN ops.release_gates g ON g.release_id = r.release_id AND g.gate_code = 'G2'
+         WHERE r.project = $1 AND $2 > 0",
+    ),
+    (
+        "staging deployment, succeeded",
+        "INSERT INTO ops.deployments (release_id, environment, deployed_by, source_ref, status, created_by)
+         SELECT r.release_id, 'staging', 'ci', r.source_ref, 'succeeded', 'ci'
+         FROM ops.releases r WHERE r.project = $1 AND $2 > 0",
+    ),
+    (
+        "G3 evidence rollback_plan",
+        "INSERT INTO ops.evidence_artifacts (release_id, gate_id, artifact_type, source_system, artifact_url, created_by)
+         SELECT r.release_id, g.gate_id, 'rollback_plan', 'ci', 'https://wiki.example/rollback', 'ci'
+         FROM ops.releases r JOIN ops.release_gates g ON g.release_id = r.release_id AND g.gate_code = 'G3'
+         WHERE r.project = $1 AND $2 > 0",
+    ),
+    (
+        "G3 approval by the release manager (G3 passes)",
+        "INSERT INTO ops.approvals (release_id, gate_id, approver_id, persona_role, decision, scope, created_by)
+         SELECT r.release_id, g.gate_id, 'rm-1', 'release_manager', 'approved', 'gate', 'n8n'
+         FROM ops.releases r JOIN ops.release_gates g ON g.release_id = r.release_id AND g.gate_code = 'G3'
+         WHERE r.project = $1 AND $2 > 0",
+    ),
+    (
+        "production deployment, succeeded",
+        "INSERT INTO ops.deployments (release_id, environment, deployed_by, source_ref, status, created_by)
+         SELECT r.release_id, 'production', 'ci', r.source_ref, 'succeeded', 'ci'
+         FROM ops.releases r WHERE r.project = $1 AND $2 > 0",
+    ),
+    (
+        "G4 health check of production (G4 passes)",
+        "INSERT INTO ops.gate_checks (gate_id, check_name, source_system, status, deployment_id, created_by)
+         SELECT g.gate_id, 'http', 'monitoring', 'pass', d.deployment_id, 'monitoring'
+         FROM ops.releases r
+         JOIN ops.release_gates g ON g.release_id = r.release_id AND g.gate_code = 'G4'
+         JOIN ops.deployments d ON d.release_id = r.release_id AND d.environment = 'production'
+         WHERE r.project = $1 AND $2 > 0",
+    ),
+];
+
+const DISABLE_DERIVATION: &str = "
+    ALTER TABLE ops.gate_checks DISABLE TRIGGER gate_checks_refresh;
+    ALTER TABLE ops.approvals DISABLE TRIGGER approvals_refresh;
+    ALTER TABLE ops.evidence_artifacts DISABLE TRIGGER evidence_artifacts_refresh;
+    ALTER TABLE ops.exceptions DISABLE TRIGGER exceptions_refresh;
+    ALTER TABLE ops.deployments DISABLE TRIGGER deployments_refresh;";
+
+async fn database(name: &str) -> PgPool {
+    let settings = DatabaseSettings {
+        url: SecretUrl::new(server_url()).with_path(&format!("/{name}")),
+        max_connections: 1,
+        acquire_timeout_secs: 10,
+    };
+    opsgate::database::migrate(&settings).await.expect("migrate");
+    let pool = opsgate::database::connect(&settings).await.expect("connect");
+    // As the worker's sessions: generic plans. No fsync wait per step: the
+    // commit is not what is measured here.
+    pool.execute("SET plan_cache_mode = force_generic_plan; SET synchronous_commit = off")
+        .await
+        .expect("session settings");
+    pool
+}
+
+async fn drop_database(name: &str) {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&server_url())
+        .await
+        .expect("connect to drop the benchmark database");
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")))
+        .execute(&mut conn)
+        .await
+        .expect("drop the benchmark database");
+}
+
+/// Microseconds per fact of each step, one round.
+async fn round(pool: &PgPool, releases: usize) -> Vec<f64> {
+    let project = format!("bench-{}", Uuid::new_v4().simple());
+    let mut per_fact = Vec::with_capacity(STEPS.len());
+    for (label, sql) in STEPS {
+        let started = Instant::now();
+        let written = sqlx::query(*sql)
+            .bind(&project)
+            .bind(releases as i32)
+            .execute(pool)
+            .await
+            .unwrap_or_else(|error| panic!("step {label:?}: {error}"))
+            .rows_affected();
+        assert_eq!(written, releases as u64, "step {label:?} wrote one row per release");
+        per_fact.push(started.elapsed().as_secs_f64() * 1e6 / releases as f64);
+    }
+    // Keep the tables as busy as a worker's would be: no bloat carried over.
+    pool.execute("VACUUM (ANALYZE)").await.expect("vacuum");
+    per_fact
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+#[tokio::main]
+async fn main() {
+    let args = args();
+    let suffix = Uuid::new_v4().simple().to_string();
+    let names = [
+        format!("opsgate_derivation_{suffix}"),
+        format!("opsgate_derivation_off_{suffix}"),
+    ];
+    let with = database(&names[0]).await;
+    let without = database(&names[1]).await;
+    sqlx::raw_sql(DISABLE_DERIVATION)
+        .execute(&without)
+        .await
+        .expect("disable the derivation triggers");
+
+    println!("opsgate derivation benchmark");
+    println!(
+        "  {} releases per round, {} rounds (median), one session, generic plans",
+        args.releases, args.rounds
+    );
+    // A first round warms both sessions (plans, caches) and is not counted.
+    round(&with, args.releases).await;
+    round(&without, args.releases).await;
+    let mut with_rounds = Vec::new();
+    let mut without_rounds = Vec::new();
+    for _ in 0..args.rounds {
+        with_rounds.push(round(&with, args.releases).await);
+        without_rounds.push(round(&without, args.releases).await);
+    }
+
+    println!();
+    println!(
+        "  {:<48} {:>12} {:>14} {:>12}",
+        "step (µs per fact)", "derived", "not derived", "derivation"
+    );
+    let (mut total_with, mut total_without) = (0.0, 0.0);
+    for (i, (label, _)) in STEPS.iter().enumerate() {
+        let with_us = median(with_rounds.iter().map(|r| r[i]).collect());
+        let without_us = median(without_rounds.iter().map(|r| r[i]).collect());
+        total_with += with_us;
+        total_without += without_us;
+        println!(
+            "  {label:<48} {with_us:>12.1} {without_us:>14.1} {:>12.1}",
+            with_us - without_us
+        );
+    }
+    let steps = STEPS.len() as f64;
+    println!(
+        "  {:<48} {:>12.1} {:>14.1} {:>12.1}",
+        "mean of the steps",
+        total_with / steps,
+        total_without / steps,
+        (total_with - total_without) / steps
+    );
+
+    with.close().await;
+    without.close().await;
+    for name in &names {
+        drop_database(name).await;
+    }
+}
