@@ -146,10 +146,12 @@ async fn drop_database(name: &str) {
     let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&server_url())
         .await
         .expect("connect to drop the benchmark database");
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")))
-        .execute(&mut conn)
-        .await
-        .expect("drop the benchmark database");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&mut conn)
+    .await
+    .expect("drop the benchmark database");
 }
 
 /// Microseconds per fact of each step, one round.
@@ -165,7 +167,10 @@ async fn round(pool: &PgPool, releases: usize) -> Vec<f64> {
             .await
             .unwrap_or_else(|error| panic!("step {label:?}: {error}"))
             .rows_affected();
-        assert_eq!(written, releases as u64, "step {label:?} wrote one row per release");
+        assert_eq!(
+            written, releases as u64,
+            "step {label:?} wrote one row per release"
+        );
         per_fact.push(started.elapsed().as_secs_f64() * 1e6 / releases as f64);
     }
     // Keep the tables as busy as a worker's would be: no bloat carried over.

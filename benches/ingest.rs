@@ -429,9 +429,7 @@ async fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     if args.without_derivation {
-        println!(
-            "  DIAGNOSTIC RUN: derivation triggers disabled, gate and release state are not derived"
-        );
+        println!("  DIAGNOSTIC RUN: derivation triggers disabled, gate and release state are not derived");
     }
     if vacuum.is_some() {
         println!(

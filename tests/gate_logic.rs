@@ -255,6 +255,27 @@ async fn g3_approved_by_the_g2_approver_does_not_pass() {
     assert!(blockers.contains("separation of duties"), "{blockers}");
 }
 
+#[tokio::test]
+async fn g3_passed_then_its_approver_approves_g2_no_longer_passes() {
+    // The approval of G2 leaves G2's status as it was (passed), so only the
+    // separation-of-duties link re-derives G3.
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    seed::pass_g1_g2(&db.pool, r).await; // G2 approved by qa-1
+    seed::evidence(&db.pool, r, "rollback_plan").await;
+    seed::approval(&db.pool, r, "G3", "rm-1", "release_manager", "approved", at(3)).await;
+    assert_eq!(seed::gate_status(&db.pool, r, "G3").await, "passed");
+
+    seed::approval(&db.pool, r, "G2", "rm-1", "qa_tester", "approved", at(4)).await;
+    assert_eq!(seed::gate_status(&db.pool, r, "G2").await, "passed");
+    assert_ne!(seed::gate_status(&db.pool, r, "G3").await, "passed");
+    let why = g3_explanation(&db, r).await;
+    assert!(
+        why.contains("approval by rm-1 ignored: they approved a required gate (separation of duties)"),
+        "{why}"
+    );
+}
+
 // --- Integrity rule 1 as a hard rule ------------------------------------------
 
 #[tokio::test]
