@@ -11,6 +11,8 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::text::quoted;
+
 /// The only schema version this worker understands.
 pub const SCHEMA_VERSION: &str = "v1.0";
 
@@ -82,7 +84,7 @@ impl FromStr for EventType {
         EventType::ALL
             .into_iter()
             .find(|event| event.as_str() == value)
-            .ok_or_else(|| format!("unknown event_type {value:?}"))
+            .ok_or_else(|| format!("unknown event_type {}", quoted(value)))
     }
 }
 
@@ -213,7 +215,10 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Envelope, Rejection> {
     if schema_version != SCHEMA_VERSION {
         return Err(reject(
             422,
-            format!("unknown schema_version {schema_version:?}; this worker accepts {SCHEMA_VERSION:?}"),
+            format!(
+                "unknown schema_version {}; this worker accepts {SCHEMA_VERSION:?}",
+                quoted(&schema_version)
+            ),
             partial,
         ));
     }
@@ -235,7 +240,7 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Envelope, Rejection> {
     let release_id = Uuid::parse_str(&release_id_text).map_err(|_| {
         reject(
             400,
-            format!("release_id {release_id_text:?} is not a UUID"),
+            format!("release_id {} is not a UUID", quoted(&release_id_text)),
             partial.clone(),
         )
     })?;
@@ -249,7 +254,7 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Envelope, Rejection> {
             other => {
                 return Err(reject(
                     400,
-                    format!("gate_code {other:?} is not one of G1, G2, G3, G4"),
+                    format!("gate_code {} is not one of G1, G2, G3, G4", quoted(other)),
                     partial,
                 ));
             }
@@ -278,7 +283,10 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Envelope, Rejection> {
         .map_err(|_| {
             reject(
                 400,
-                format!("emitted_at {emitted_at_text:?} is not an ISO 8601 timestamp with offset"),
+                format!(
+                    "emitted_at {} is not an ISO 8601 timestamp with offset",
+                    quoted(&emitted_at_text)
+                ),
                 partial.clone(),
             )
         })?

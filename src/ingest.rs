@@ -20,6 +20,7 @@ use uuid::Uuid;
 use crate::envelope::{self, Envelope, Partial, Rejection};
 use crate::handlers::{self, HandlerError};
 use crate::ledger::{self, ClaimRequest, FailedAttempt, FailureStatus, NextAction, PendingResult};
+use crate::text::{MAX_ERROR_BYTES, clipped};
 
 /// The processing status of the PRD, with its HTTP-like code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -513,7 +514,7 @@ fn failed(failure: &FailedAttempt<'_>, next: Next) -> Outcome {
             FailureStatus::Error => Status::Error,
         },
         code: failure.code,
-        error: Some(failure.error.to_owned()),
+        error: Some(clipped(failure.error, MAX_ERROR_BYTES).into_owned()),
         result: None,
         next,
     }

@@ -10,6 +10,7 @@ use sqlx::{PgConnection, Postgres, Row};
 use uuid::Uuid;
 
 use crate::envelope::{Envelope, Partial};
+use crate::text::{MAX_ERROR_BYTES, clipped};
 
 /// What to do with an envelope whose key may have been seen before.
 #[derive(Debug, Clone, PartialEq)]
@@ -309,19 +310,25 @@ pub async fn record_failure(
          VALUES ($1, $2, $3, $4, $5, $6, $7::ops.ops_processing_status, $8, $9, $10, $11)
          RETURNING ingest_id",
     )
-    .bind(&failure.partial.source_system)
-    .bind(&failure.partial.event_type)
-    .bind(&failure.partial.idempotency_key)
-    .bind(&failure.partial.schema_version)
+    .bind(storable(&failure.partial.source_system))
+    .bind(storable(&failure.partial.event_type))
+    .bind(storable(&failure.partial.idempotency_key))
+    .bind(storable(&failure.partial.schema_version))
     .bind(failure.partial.release_id)
     .bind(failure.payload_hash)
     .bind(failure.status.as_str())
     .bind(i16::try_from(failure.code).unwrap_or(500))
-    .bind(failure.error)
+    .bind(clipped(failure.error, MAX_ERROR_BYTES))
     .bind(attempt_column(failure.attempt))
     .bind(writer)
     .fetch_one(conn)
     .await
+}
+
+/// A field of a refused envelope as PostgreSQL can store it: the envelope
+/// may have been refused for the very NUL character that `text` cannot hold.
+fn storable(field: &Option<String>) -> Option<String> {
+    field.as_ref().map(|text| text.replace('\0', "\u{fffd}"))
 }
 
 fn attempt_column(attempt: u32) -> i32 {

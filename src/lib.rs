@@ -17,4 +17,5 @@ pub mod releases;
 pub mod shutdown;
 pub mod sweeps;
 pub mod telemetry;
+pub mod text;
 pub mod worker;

@@ -123,6 +123,15 @@ async fn malformed_messages_are_rejected_with_400_and_dead_lettered() {
     let mut nul = valid.clone();
     nul["payload"]["release_name"] = json!("v1\u{0}");
     cases.push(("NUL character".into(), serde_json::to_vec(&nul).unwrap(), "NUL"));
+    // Refused for the NUL in its key, and still recorded (with the key as
+    // PostgreSQL can store it).
+    let mut nul_key = valid.clone();
+    nul_key["idempotency_key"] = json!(format!("nul-\u{0}-{}", Uuid::new_v4()));
+    cases.push((
+        "NUL character in the key".into(),
+        serde_json::to_vec(&nul_key).unwrap(),
+        "NUL",
+    ));
 
     for (case, body, mention) in &cases {
         let (code, error) = rejected(&producer, body).await;
@@ -138,6 +147,35 @@ async fn malformed_messages_are_rejected_with_400_and_dead_lettered() {
     assert_eq!(rows.len(), cases.len(), "every attempt leaves a ledger row");
     assert!(rows.iter().all(|(code, _)| *code == 400));
     assert_eq!(release_count(&db).await, 0);
+    worker.stop().await;
+    producer.finish().await;
+}
+
+#[tokio::test]
+async fn a_huge_bad_field_is_dead_lettered_with_a_short_error() {
+    // The error quotes the field; a dead letter's headers must fit in one
+    // AMQP frame (128 KiB), or RabbitMQ closes the worker's connection.
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+    let mut huge = release_created(fresh_release(), "v1");
+    huge["release_id"] = json!("x".repeat(150_000));
+    let (code, error) = rejected(&producer, &serde_json::to_vec(&huge).unwrap()).await;
+    assert_eq!(code, 400, "{error}");
+    assert!(error.starts_with("release_id \"xxx"), "{error}");
+    assert!(error.contains("(150000 bytes) is not a UUID"), "{error}");
+    assert!(error.len() < 1024, "{} bytes", error.len());
+    let stored: Vec<String> = sqlx::query_scalar("SELECT error_detail FROM ops.event_ingest_log")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, vec![error], "one attempt, one ledger row");
+
+    // The worker is still connected and consuming.
+    let next = release_created(fresh_release(), "v2");
+    let (reply, _) = producer.request(&next).await;
+    assert_eq!(reply["status"], "accepted");
     worker.stop().await;
     producer.finish().await;
 }

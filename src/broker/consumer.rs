@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{BrokerError, Publisher, Topology};
 use crate::ingest::{self, IngestOptions, Next, Outcome};
+use crate::text::{MAX_HEADER_BYTES, clipped};
 
 /// Our header with the attempt number of a message (1 when absent).
 pub const ATTEMPT_HEADER: &str = "x-opsgate-attempt";
@@ -305,7 +306,7 @@ async fn finish(
                 );
                 headers.insert(
                     DEAD_ERROR_HEADER.into(),
-                    long_string(outcome.error.as_deref().unwrap_or("")),
+                    long_string(&clipped(outcome.error.as_deref().unwrap_or(""), MAX_HEADER_BYTES)),
                 );
                 headers.insert(
                     DEAD_FAILED_AT_HEADER.into(),

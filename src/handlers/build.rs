@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::{DbContext, Handled, HandlerError, payload, release_gate, required_gate};
 use crate::envelope::{Envelope, GateCode};
+use crate::text::quoted;
 
 /// Payload of `build_complete` (gate G1; the envelope's gate_code may be omitted).
 #[derive(Debug, Deserialize)]
@@ -66,7 +67,8 @@ pub(crate) fn check_status(status: &str) -> Result<(), HandlerError> {
         Ok(())
     } else {
         Err(HandlerError::bad_request(format!(
-            "check status {status:?} is not one of pass, fail, warning, skipped"
+            "check status {} is not one of pass, fail, warning, skipped",
+            quoted(status)
         )))
     }
 }

@@ -6,6 +6,7 @@ use sqlx::PgConnection;
 
 use super::{DbContext, HandlerError, payload};
 use crate::envelope::Envelope;
+use crate::text::quoted;
 
 /// Payload of `release_created`. The release id is the envelope's.
 #[derive(Debug, Deserialize)]
@@ -29,8 +30,8 @@ pub async fn release_created(conn: &mut PgConnection, envelope: &Envelope) -> Re
     let release: ReleaseCreated = payload(envelope)?;
     if !["dev", "staging", "production"].contains(&release.environment_target.as_str()) {
         return Err(HandlerError::bad_request(format!(
-            "environment_target {:?} is not one of dev, staging, production",
-            release.environment_target
+            "environment_target {} is not one of dev, staging, production",
+            quoted(&release.environment_target)
         )));
     }
     // The same id, or the same name under another id (at most two rows).

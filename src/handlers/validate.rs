@@ -5,6 +5,7 @@ use uuid::Uuid;
 
 use super::HandlerError;
 use crate::envelope::Envelope;
+use crate::text::quoted;
 
 /// The values of `ops.ops_environment`.
 pub(crate) const ENVIRONMENTS: &[&str] = &["dev", "staging", "production"];
@@ -15,7 +16,8 @@ pub(crate) fn one_of(field: &str, value: &str, allowed: &[&str]) -> Result<(), H
         Ok(())
     } else {
         Err(HandlerError::bad_request(format!(
-            "{field} {value:?} is not one of {}",
+            "{field} {} is not one of {}",
+            quoted(value),
             allowed.join(", ")
         )))
     }
