@@ -181,6 +181,36 @@ async fn a_huge_bad_field_is_dead_lettered_with_a_short_error() {
 }
 
 #[tokio::test]
+async fn a_closed_publishing_channel_makes_the_worker_reconnect() {
+    // Publishing to a missing exchange makes RabbitMQ close the worker's
+    // publishing channel for good; the consuming channel stays open. The
+    // worker must notice, reconnect and redeclare, not retry forever.
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+    let (reply, _) = producer.request(&release_created(fresh_release(), "v1")).await;
+    assert_eq!(reply["status"], "accepted", "the worker is up");
+
+    let channel = producer.connection.create_channel().await.unwrap();
+    channel
+        .exchange_delete(
+            producer.topology.dead_letter_exchange.as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    let (code, error) = rejected(&producer, b"{not json").await;
+    assert_eq!(code, 400, "{error}");
+
+    // Replies flow again too.
+    let (reply, _) = producer.request(&release_created(fresh_release(), "v2")).await;
+    assert_eq!(reply["status"], "accepted");
+    worker.stop().await;
+    producer.finish().await;
+}
+
+#[tokio::test]
 async fn a_body_over_the_limit_is_rejected_with_413() {
     let db = TestDb::new().await;
     let settings = settings_for(&db, &[("OPSGATE__WORKER__MAX_BODY_BYTES", "2048")]);

@@ -34,6 +34,10 @@ pub const DEAD_FAILED_AT_HEADER: &str = "x-opsgate-failed-at";
 
 /// An ack that takes longer is on a dead channel.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a message whose retry or dead letter could not be published
+/// waits before it goes back to the queue, so that it does not come straight
+/// back in a tight loop while the broker refuses.
+const FORWARD_FAILED_PAUSE: Duration = Duration::from_secs(1);
 
 /// Everything a message needs to be processed, shared by every task.
 #[derive(Debug, Clone)]
@@ -94,6 +98,10 @@ pub async fn consume(
     tracing::info!(queue = %context.topology.ingest_queue, prefetch = context.prefetch,
         max_in_flight = context.max_in_flight, "consuming");
 
+    // Fired by a task that finds the publishing channel closed (RabbitMQ
+    // closes a channel for good on an error such as a missing exchange):
+    // the session is over, and the reconnect opens a new one and redeclares.
+    let publisher_lost = CancellationToken::new();
     let slots = Arc::new(Semaphore::new(context.max_in_flight));
     // A batch is put together only once it can start: while every
     // transaction slot is busy, deliveries gather in the prefetch buffer and
@@ -108,6 +116,7 @@ pub async fn consume(
         }
         let transaction = tokio::select! {
             () = cancel.cancelled() => break SessionEnd::Cancelled,
+            () = publisher_lost.cancelled() => break publishing_channel_closed(),
             permit = transactions.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => break SessionEnd::Cancelled,
@@ -115,6 +124,7 @@ pub async fn consume(
         };
         let mut permit = tokio::select! {
             () = cancel.cancelled() => break SessionEnd::Cancelled,
+            () = publisher_lost.cancelled() => break publishing_channel_closed(),
             permit = slots.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => break SessionEnd::Cancelled,
@@ -122,6 +132,7 @@ pub async fn consume(
         };
         let next = tokio::select! {
             () = cancel.cancelled() => break SessionEnd::Cancelled,
+            () = publisher_lost.cancelled() => break publishing_channel_closed(),
             next = consumer.next() => next,
         };
         let first = match next {
@@ -156,8 +167,17 @@ pub async fn consume(
         let context = context.clone();
         let publisher = publisher.clone();
         let cancel_batch = cancel.clone();
+        let publisher_lost = publisher_lost.clone();
         tasks.spawn(async move {
-            handle(batch, transaction, &context, &publisher, &cancel_batch).await;
+            handle(
+                batch,
+                transaction,
+                &context,
+                &publisher,
+                &cancel_batch,
+                &publisher_lost,
+            )
+            .await;
             drop(permit);
         });
         if let Some(reason) = lost {
@@ -192,6 +212,10 @@ pub async fn consume(
     Ok(end)
 }
 
+fn publishing_channel_closed() -> SessionEnd {
+    SessionEnd::Lost("the publishing channel closed".to_owned())
+}
+
 fn report_panic(finished: Result<(), tokio::task::JoinError>) {
     if let Err(error) = finished
         && error.is_panic()
@@ -209,6 +233,7 @@ async fn handle(
     context: &ConsumerContext,
     publisher: &Publisher,
     cancel: &CancellationToken,
+    publisher_lost: &CancellationToken,
 ) {
     let attempts: Vec<ingest::Attempt<'_>> = deliveries
         .iter()
@@ -243,7 +268,16 @@ async fn handle(
     // Replies, retries and dead letters each wait for a confirm: wait for
     // them together rather than one after the other.
     futures_util::future::join_all(deliveries.iter().zip(&attempts).zip(outcomes).map(
-        |((delivery, attempt), outcome)| finish(delivery, attempt.attempt, outcome, context, publisher),
+        |((delivery, attempt), outcome)| {
+            finish(
+                delivery,
+                attempt.attempt,
+                outcome,
+                context,
+                publisher,
+                publisher_lost,
+            )
+        },
     ))
     .await;
 }
@@ -255,6 +289,7 @@ async fn finish(
     outcome: Outcome,
     context: &ConsumerContext,
     publisher: &Publisher,
+    publisher_lost: &CancellationToken,
 ) {
     tracing::info!(
         status = ?outcome.status,
@@ -268,7 +303,7 @@ async fn finish(
     // A message on its way to a retry is not finished: the producer hears
     // the final outcome only.
     if outcome.next != Next::Retry {
-        reply(delivery, &outcome, publisher).await;
+        reply(delivery, &outcome, publisher, publisher_lost).await;
     }
 
     let forwarded = match outcome.next {
@@ -336,7 +371,15 @@ async fn finish(
             }
         }
         Err(error) => {
-            tracing::warn!(%error, "failed to forward the message; returning it to the queue");
+            let key = outcome.idempotency_key.as_deref().unwrap_or("");
+            if publisher.channel().status().connected() {
+                tracing::warn!(%error, key, attempt, "failed to forward the message; returning it to the queue shortly");
+                tokio::time::sleep(FORWARD_FAILED_PAUSE).await;
+            } else {
+                tracing::warn!(%error, key, attempt,
+                    "failed to forward the message: the publishing channel closed; reconnecting");
+                publisher_lost.cancel();
+            }
             super::quietly(delivery.acker.reject(BasicRejectOptions { requeue: true })).await;
         }
     }
@@ -344,7 +387,12 @@ async fn finish(
 
 /// Sends the outcome to `reply_to` (works with direct reply-to). A producer
 /// that stopped listening is not our failure: log and go on.
-async fn reply(delivery: &lapin::message::Delivery, outcome: &Outcome, publisher: &Publisher) {
+async fn reply(
+    delivery: &lapin::message::Delivery,
+    outcome: &Outcome,
+    publisher: &Publisher,
+    publisher_lost: &CancellationToken,
+) {
     let Some(reply_to) = delivery.properties.reply_to() else {
         return;
     };
@@ -365,7 +413,11 @@ async fn reply(delivery: &lapin::message::Delivery, outcome: &Outcome, publisher
         .publish("", reply_to.as_str(), &body, properties, false)
         .await
     {
-        tracing::warn!(%error, reply_to = %reply_to, "failed to send the reply");
+        let key = outcome.idempotency_key.as_deref().unwrap_or("");
+        tracing::warn!(%error, reply_to = %reply_to, key, "failed to send the reply");
+        if !publisher.channel().status().connected() {
+            publisher_lost.cancel();
+        }
     }
 }
 
