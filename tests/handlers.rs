@@ -923,6 +923,22 @@ async fn a_succeeded_rollback_rolls_the_release_back() {
         409,
         "production deployment",
     );
+    // A rollback belongs to the release it rolls back: pointing at another
+    // release's deployment would skip the production guard for this one and
+    // leave the other's status as it was.
+    let other = eligible_release(&db).await;
+    assert_rejected(
+        fails(
+            &db,
+            "deployment_event",
+            other,
+            None,
+            rollback(production, "production"),
+        )
+        .await,
+        409,
+        &format!("is a deployment of release {r}, not of release {other}"),
+    );
 
     let payload = rollback(production, "production");
     let rollback_id = id_of(&payload["deployment_id"]);

@@ -254,6 +254,33 @@ async fn gate_name_is_derived_from_gate_code() {
 }
 
 #[tokio::test]
+async fn a_rollback_points_at_a_deployment_of_its_own_release() {
+    let db = TestDb::new().await;
+    let mine = seed::release(&db.pool, "dev-1").await;
+    let other = seed::release(&db.pool, "dev-1").await;
+    let target = seed::deployment(&db.pool, mine, "production", "succeeded", "abc", seed::at(0)).await;
+    let rollback = |release_id: uuid::Uuid| {
+        sqlx::query(
+            "INSERT INTO ops.deployments (release_id, environment, deployed_by, source_ref, status, rollback_of, created_by)
+             VALUES ($1, 'production', 'sre-1', 'previous', 'succeeded', $2, 'sre-1')",
+        )
+        .bind(release_id)
+        .bind(target)
+        .execute(&db.pool)
+    };
+    assert_eq!(sqlstate(rollback(other).await), FOREIGN_KEY_VIOLATION);
+    rollback(mine)
+        .await
+        .expect("a rollback of the release's own deployment");
+    let status: String = sqlx::query_scalar("SELECT status::text FROM ops.releases WHERE release_id = $1")
+        .bind(mine)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "rolled_back");
+}
+
+#[tokio::test]
 async fn sha256_columns_hold_64_hex_characters_or_null() {
     let db = TestDb::new().await;
     let release_id = seed::release(&db.pool, "dev-1").await;

@@ -175,21 +175,31 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
             .ok_or(HandlerError::UnknownRelease(envelope.release_id))?;
     let deployment_id = event.deployment_id;
 
+    // A rollback is recorded against the release it rolls back (its
+    // source_ref names what is deployed again): that release's status turns
+    // rolled_back, and the production guard does not stop it.
     if let Some(target) = event.rollback_of {
-        let target_environment: Option<String> =
-            sqlx::query_scalar("SELECT environment::text FROM ops.deployments WHERE deployment_id = $1")
-                .bind(target)
-                .fetch_optional(&mut *conn)
-                .await
-                .db("look up the rolled-back deployment")?;
-        match target_environment {
+        let rolled_back: Option<(Uuid, String)> = sqlx::query_as(
+            "SELECT release_id, environment::text FROM ops.deployments WHERE deployment_id = $1",
+        )
+        .bind(target)
+        .fetch_optional(&mut *conn)
+        .await
+        .db("look up the rolled-back deployment")?;
+        match rolled_back {
             None => {
                 return Err(HandlerError::UnknownReference {
                     kind: "deployment",
                     id: target,
                 });
             }
-            Some(environment) if environment != event.environment => {
+            Some((owner, _)) if owner != envelope.release_id => {
+                return Err(HandlerError::conflict(format!(
+                    "rollback_of {target} is a deployment of release {owner}, not of release {}",
+                    envelope.release_id
+                )));
+            }
+            Some((_, environment)) if environment != event.environment => {
                 return Err(HandlerError::conflict(format!(
                     "rollback_of {target} is a {environment} deployment, but deployment {deployment_id} is in {}",
                     event.environment
