@@ -849,6 +849,28 @@ async fn deployment_events_record_then_advance_a_deployment() {
         400,
         "status \"done\"",
     );
+    // An ill-typed field is named, however deep the reason.
+    let mut no_offset = payload("succeeded", "staging");
+    no_offset["deployed_at"] = json!("2026-11-24T10:00:00");
+    assert_rejected(
+        fails(&db, "deployment_event", r, None, no_offset).await,
+        400,
+        "invalid deployment_event payload: payload.deployed_at: ",
+    );
+    let mut not_a_uuid = payload("succeeded", "staging");
+    not_a_uuid["deployment_id"] = json!("DEP-42");
+    assert_rejected(
+        fails(&db, "deployment_event", r, None, not_a_uuid).await,
+        400,
+        "payload.deployment_id: ",
+    );
+    let mut missing = payload("succeeded", "staging");
+    missing.as_object_mut().unwrap().remove("deployed_by");
+    assert_rejected(
+        fails(&db, "deployment_event", r, None, missing).await,
+        400,
+        "invalid deployment_event payload: missing field `deployed_by`",
+    );
 
     let failed = Uuid::new_v4();
     deploy(&db, r, failed, "staging", "in_progress").await;

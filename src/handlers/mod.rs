@@ -9,6 +9,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::envelope::{Envelope, EventType, GateCode};
+use crate::text::{QUOTED_CHARS, clipped};
 
 mod approval;
 mod build;
@@ -76,10 +77,21 @@ impl<T> DbContext<T> for Result<T, sqlx::Error> {
     }
 }
 
-/// The envelope's payload as `T`; a missing or ill-typed field is a 400 that names it.
+/// The envelope's payload as `T`; a missing or ill-typed field is a 400 that
+/// names it (`payload.deployed_at: …`; a missing field names itself).
 pub(crate) fn payload<T: DeserializeOwned>(envelope: &Envelope) -> Result<T, HandlerError> {
-    serde_json::from_value(Value::Object(envelope.payload.clone())).map_err(|error| {
-        HandlerError::bad_request(format!("invalid {} payload: {error}", envelope.event_type))
+    serde_path_to_error::deserialize(Value::Object(envelope.payload.clone())).map_err(|error| {
+        let path = error.path().to_string();
+        let reason = clipped(&error.inner().to_string(), QUOTED_CHARS * 2).into_owned();
+        let message = if path == "." {
+            format!("invalid {} payload: {reason}", envelope.event_type)
+        } else {
+            format!(
+                "invalid {} payload: payload.{path}: {reason}",
+                envelope.event_type
+            )
+        };
+        HandlerError::bad_request(message)
     })
 }
 
