@@ -73,6 +73,13 @@ async fn eligible_exits_1_with_readable_blockers_and_0_when_eligible() {
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("release acme/odoo/v9 does not exist"));
     let bad_env = opsgate(&db, &["release", "eligible", "acme/odoo/v1.0", "--env", "prod"]);
     assert_eq!(bad_env.status.code(), Some(2), "{bad_env:?}");
+    let no_settings = Command::new(env!("CARGO_BIN_EXE_opsgate"))
+        .args(["--config-dir", "no-such-config-dir"])
+        .args(["release", "eligible", "acme/odoo/v1.0", "--env", "production"])
+        .output()
+        .expect("run opsgate");
+    assert_eq!(no_settings.status.code(), Some(2), "{no_settings:?}");
+    assert!(String::from_utf8_lossy(&no_settings.stderr).starts_with("error: "));
 
     let output = opsgate(
         &db,

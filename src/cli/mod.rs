@@ -52,7 +52,21 @@ pub enum Command {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let settings = config::load(&cli.config_dir)?;
+    let settings = match config::load(&cli.config_dir) {
+        Ok(settings) => settings,
+        // A promotion check that cannot read its settings could not decide:
+        // exit 1 would read as "not eligible".
+        Err(error)
+            if matches!(
+                cli.command,
+                Command::Release(release::ReleaseCommand::Eligible(_))
+            ) =>
+        {
+            eprintln!("error: {error}");
+            return Ok(ExitCode::from(2));
+        }
+        Err(error) => return Err(error.into()),
+    };
     crate::telemetry::init(&settings.log);
     match cli.command {
         Command::Worker => {
