@@ -347,7 +347,7 @@ impl Settings {
             "database.max_connections",
             u64::from(self.database.max_connections),
         )?;
-        positive(
+        at_most_a_day_secs(
             "database.acquire_timeout_secs",
             self.database.acquire_timeout_secs,
         )?;
@@ -362,8 +362,9 @@ impl Settings {
         }
         positive("amqp.prefetch", u64::from(self.amqp.prefetch))?;
         positive("amqp.delivery_limit", u64::from(self.amqp.delivery_limit))?;
-        positive("amqp.reconnect_min_ms", self.amqp.reconnect_min_ms)?;
-        positive("amqp.confirm_timeout_secs", self.amqp.confirm_timeout_secs)?;
+        at_most_a_day_ms("amqp.reconnect_min_ms", self.amqp.reconnect_min_ms)?;
+        at_most_a_day_ms("amqp.reconnect_max_ms", self.amqp.reconnect_max_ms)?;
+        at_most_a_day_secs("amqp.confirm_timeout_secs", self.amqp.confirm_timeout_secs)?;
         if self.amqp.reconnect_max_ms < self.amqp.reconnect_min_ms {
             return Err(ConfigError::invalid(
                 "amqp.reconnect_max_ms",
@@ -383,8 +384,8 @@ impl Settings {
             ));
         }
         positive("worker.max_body_bytes", self.worker.max_body_bytes as u64)?;
-        positive("worker.shutdown_timeout_secs", self.worker.shutdown_timeout_secs)?;
-        positive("worker.database_retry_max_ms", self.worker.database_retry_max_ms)?;
+        at_most_a_day_secs("worker.shutdown_timeout_secs", self.worker.shutdown_timeout_secs)?;
+        at_most_a_day_ms("worker.database_retry_max_ms", self.worker.database_retry_max_ms)?;
         let role = &self.worker.database_role;
         let plain_name = role.len() <= 63
             && role.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
@@ -399,11 +400,17 @@ impl Settings {
             ));
         }
 
-        if self.retry.schedule_secs.is_empty() || self.retry.schedule_secs.contains(&0) {
+        if self.retry.schedule_secs.is_empty()
+            || self
+                .retry
+                .schedule_secs
+                .iter()
+                .any(|delay| *delay == 0 || *delay > DAY_SECS)
+        {
             return Err(ConfigError::invalid(
                 "retry.schedule_secs",
                 &format!("{:?}", self.retry.schedule_secs),
-                "must list at least one delay, each greater than 0",
+                "must list at least one delay, each from 1 to 86400 seconds",
             ));
         }
         if !(0.0..1.0).contains(&self.retry.jitter) {
@@ -413,7 +420,7 @@ impl Settings {
                 "must be at least 0 and below 1",
             ));
         }
-        positive("sweeps.interval_secs", self.sweeps.interval_secs)?;
+        at_most_a_day_secs("sweeps.interval_secs", self.sweeps.interval_secs)?;
 
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(ConfigError::invalid(
@@ -445,6 +452,33 @@ fn check_url(key: &str, url: &SecretUrl, schemes: &[&str]) -> Result<(), ConfigE
 fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
     if value == 0 {
         return Err(ConfigError::invalid(key, "0", "must be greater than 0"));
+    }
+    Ok(())
+}
+
+/// Durations are bounded: a day is longer than any sensible timeout, delay
+/// or interval here, and a value near u64::MAX would overflow the clock
+/// arithmetic of every wait (a panic in each message task).
+const DAY_SECS: u64 = 86_400;
+
+fn at_most_a_day_secs(key: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 || value > DAY_SECS {
+        return Err(ConfigError::invalid(
+            key,
+            &value.to_string(),
+            "must be from 1 to 86400 (seconds)",
+        ));
+    }
+    Ok(())
+}
+
+fn at_most_a_day_ms(key: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 || value > DAY_SECS * 1000 {
+        return Err(ConfigError::invalid(
+            key,
+            &value.to_string(),
+            "must be from 1 to 86400000 (milliseconds)",
+        ));
     }
     Ok(())
 }

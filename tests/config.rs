@@ -155,6 +155,29 @@ fn every_setting_is_validated_at_start() {
             "worker.database_role",
         ),
         ("OPSGATE__LOG__LEVEL", "info,=[", "log.level"),
+        // Durations beyond a day would overflow the clock arithmetic of waits.
+        (
+            "OPSGATE__DATABASE__ACQUIRE_TIMEOUT_SECS",
+            "18446744073709551615",
+            "database.acquire_timeout_secs",
+        ),
+        (
+            "OPSGATE__WORKER__SHUTDOWN_TIMEOUT_SECS",
+            "86401",
+            "worker.shutdown_timeout_secs",
+        ),
+        (
+            "OPSGATE__WORKER__DATABASE_RETRY_MAX_MS",
+            "86400001",
+            "worker.database_retry_max_ms",
+        ),
+        (
+            "OPSGATE__AMQP__RECONNECT_MAX_MS",
+            "86400001",
+            "amqp.reconnect_max_ms",
+        ),
+        ("OPSGATE__RETRY__SCHEDULE_SECS", "1,86401", "retry.schedule_secs"),
+        ("OPSGATE__SWEEPS__INTERVAL_SECS", "86401", "sweeps.interval_secs"),
     ] {
         let error = config::load_from(&config_dir(), &env(&[(variable, value)])).unwrap_err();
         assert!(
