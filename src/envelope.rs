@@ -442,4 +442,24 @@ mod tests {
         let c = parse(&body(&[("payload", serde_json::json!({"status": "fail"}))]), 4096).unwrap();
         assert_ne!(a.payload_hash(), c.payload_hash());
     }
+
+    #[test]
+    fn the_payload_hash_is_what_the_contracts_python_computes() {
+        // docs/producer-contract.md §4, run on this envelope (an uppercase
+        // release_id, keys out of order, a non-ASCII character).
+        let envelope = parse(
+            &body(&[
+                ("event_type", "check_result".into()),
+                ("release_id", "7F8772C0-8C09-5F2B-BD73-261BB305CE49".into()),
+                ("gate_code", "G1".into()),
+                ("payload", serde_json::json!({"b": 1, "a": "é"})),
+            ]),
+            4096,
+        )
+        .unwrap();
+        assert_eq!(
+            envelope.payload_hash(),
+            "b7a0201e3cead6683563a2b305337d1ba5fccde758ff20e6a0b84c0f37b526aa"
+        );
+    }
 }

@@ -489,7 +489,9 @@ async fn record(pool: &PgPool, failure: &FailedAttempt<'_>, writer: &str) -> Res
         Err(error) => {
             // The outcome still reaches the producer and the dead-letter queue;
             // only its ledger row is missing, so say so loudly.
-            tracing::error!(error = %error, code = failure.code, "failed to record the failed attempt in the ledger");
+            tracing::error!(error = %error, code = failure.code, attempt = failure.attempt,
+                key = failure.partial.idempotency_key.as_deref().unwrap_or(""),
+                "failed to record the failed attempt in the ledger");
             Ok(())
         }
     }

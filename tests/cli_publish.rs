@@ -104,3 +104,35 @@ async fn publish_to_a_namespace_nobody_declared_exits_3() {
     assert_eq!(output.status.code(), Some(3), "{output:?}");
     producer.finish().await;
 }
+
+#[tokio::test]
+async fn publish_envelope_sends_the_given_bytes_unchanged() {
+    // A dead letter saved and replayed must be the same message: key order,
+    // spacing and large numbers as given.
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let given = format!(
+        r#"{{"schema_version": "1.0", "release_id": "{}", "idempotency_key": "ci/replay/1",
+  "event_type": "release_created", "source_system": "ci", "emitted_at": "2026-11-24T10:00:00Z",
+  "payload": {{"project": "acme/odoo", "release_name": "v1", "environment_target": "production",
+               "source_ref": "abc", "initiating_actor": "dev-1",
+               "scope_metadata": {{"build": 12345678901234567890123, "ratio": 0.1000000000000000055511}}}}}}"#,
+        fresh_release()
+    );
+    let output = publish(&settings, &["--envelope", &given]);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+
+    let channel = producer.connection.create_channel().await.unwrap();
+    let message = channel
+        .basic_get(
+            producer.topology.ingest_queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the published message");
+    assert_eq!(String::from_utf8_lossy(&message.delivery.data), given);
+    assert_eq!(message.delivery.routing_key.as_str(), "release_created");
+    producer.finish().await;
+}

@@ -367,7 +367,12 @@ async fn finish(
             if !matches!(acked, Ok(Ok(_))) {
                 // The channel is gone; the broker redelivers, and the ledger
                 // turns the redelivery into a duplicate.
-                tracing::warn!(?acked, "failed to ack; the message will be redelivered");
+                tracing::warn!(
+                    ?acked,
+                    key = outcome.idempotency_key.as_deref().unwrap_or(""),
+                    attempt,
+                    "failed to ack; the message will be redelivered"
+                );
             }
         }
         Err(error) => {

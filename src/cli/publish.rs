@@ -54,7 +54,13 @@ pub struct PublishArgs {
 }
 
 fn read_json(argument: &str, what: &str) -> anyhow::Result<Value> {
-    let text = if argument == "-" {
+    let text = read_text(argument, what)?;
+    serde_json::from_str(&text).map_err(|error| anyhow::anyhow!("{what} is not JSON: {error}"))
+}
+
+/// `argument` itself, or the content of `@file` or of stdin (`-`).
+fn read_text(argument: &str, what: &str) -> anyhow::Result<String> {
+    Ok(if argument == "-" {
         let mut text = String::new();
         std::io::stdin().read_to_string(&mut text)?;
         text
@@ -63,13 +69,19 @@ fn read_json(argument: &str, what: &str) -> anyhow::Result<Value> {
             .map_err(|error| anyhow::anyhow!("cannot read {what} file {path}: {error}"))?
     } else {
         argument.to_owned()
-    };
-    serde_json::from_str(&text).map_err(|error| anyhow::anyhow!("{what} is not JSON: {error}"))
+    })
 }
 
-fn envelope_of(args: &PublishArgs) -> anyhow::Result<Value> {
-    if let Some(envelope) = &args.envelope {
-        return read_json(envelope, "envelope");
+/// The envelope to publish, and the body that carries it: a whole envelope
+/// given with --envelope goes out byte for byte as given (a dead letter
+/// replayed is the same message; re-encoding would reorder keys and round
+/// large numbers), once it is known to be JSON.
+fn envelope_of(args: &PublishArgs) -> anyhow::Result<(Value, Vec<u8>)> {
+    if let Some(argument) = &args.envelope {
+        let text = read_text(argument, "envelope")?;
+        let envelope: Value =
+            serde_json::from_str(&text).map_err(|error| anyhow::anyhow!("envelope is not JSON: {error}"))?;
+        return Ok((envelope, text.into_bytes()));
     }
     let event_type: EventType = args
         .event
@@ -89,7 +101,7 @@ fn envelope_of(args: &PublishArgs) -> anyhow::Result<Value> {
         Value::Object(map) => map,
         _ => anyhow::bail!("payload must be a JSON object"),
     };
-    Ok(build_envelope(&EventSpec {
+    let envelope = build_envelope(&EventSpec {
         event_type,
         source_system: args.source.clone(),
         release_id: args.release,
@@ -97,13 +109,14 @@ fn envelope_of(args: &PublishArgs) -> anyhow::Result<Value> {
         idempotency_key: args.key.clone(),
         payload,
         emitted_at: Utc::now(),
-    })?)
+    })?;
+    let body = serde_json::to_vec(&envelope)?;
+    Ok((envelope, body))
 }
 
 pub async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Result<ExitCode> {
-    let envelope = envelope_of(&args)?;
+    let (envelope, body) = envelope_of(&args)?;
     let routing_key = envelope["event_type"].as_str().unwrap_or("unknown").to_owned();
-    let body = serde_json::to_vec(&envelope)?;
 
     let connection = broker::connect(&settings.amqp, "opsgate-publish").await?;
     let publisher = Publisher::new(&connection, settings.amqp.confirm_timeout()).await?;
