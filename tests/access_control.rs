@@ -704,6 +704,10 @@ async fn sensitive_fields_are_masked_for_developers_and_visible_to_auditors() {
         ("http://10.1.2.3:8080/metrics", "<masked internal url>"),
         ("http://localhost:9090/", "<masked internal url>"),
         ("https://vault.internal/secret", "<masked internal url>"),
+        // A trailing dot names the same host.
+        ("http://localhost.:8069/web", "<masked internal url>"),
+        ("https://odoo.internal./x", "<masked internal url>"),
+        ("http://10.0.0.1./", "<masked internal url>"),
         ("docs/runbook.md", "docs/runbook.md"),
     ] {
         let got: String = sqlx::query_scalar("SELECT ops.mask_url($1)")

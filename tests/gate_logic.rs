@@ -523,3 +523,138 @@ async fn a_health_check_after_the_sla_does_not_confirm_g4() {
     // Deployed in the past: the SLA is over and nothing passed within it.
     assert_eq!(status, "failed");
 }
+
+// --- Direct writes that must not move derived state (migration 0007) --------
+
+async fn g4_of(db: &TestDb, deployment: Uuid) -> String {
+    sqlx::query_scalar("SELECT g4_status::text FROM ops.deployments WHERE deployment_id = $1")
+        .bind(deployment)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_health_check_cannot_name_another_releases_deployment() {
+    let db = TestDb::new().await;
+    let a = release(&db).await;
+    let b = release(&db).await;
+    let a_production = seed::deployment(&db.pool, a, "production", "succeeded", "sha-a", seed::now()).await;
+    let b_g4 = seed::gate(&db.pool, b, "G4").await;
+    let forged = sqlx::query(
+        "INSERT INTO ops.gate_checks (gate_id, check_name, source_system, status, deployment_id, created_by)
+         VALUES ($1, 'fake', 'dev', 'pass', $2, 'dev')",
+    )
+    .bind(b_g4)
+    .bind(a_production)
+    .execute(&db.pool)
+    .await;
+    assert_eq!(sqlstate(forged), CHECK_VIOLATION);
+    assert_eq!(g4_of(&db, a_production).await, "pending");
+}
+
+#[tokio::test]
+async fn an_exception_no_longer_active_authorizes_no_new_promotion() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    seed::pass_g1_g2(&db.pool, r).await;
+    let now = seed::now();
+    let expires = now + Duration::hours(1);
+    let exception = seed::exception(&db.pool, r, &["G3"], "rm-1", now - Duration::hours(1), expires).await;
+    staging_deploy(&db, r).await;
+    assert!(seed::eligible(&db.pool, r, "production", Some(now)).await);
+    let production = seed::deployment(&db.pool, r, "production", "succeeded", SHA, now).await;
+    sqlx::query("UPDATE ops.deployments SET status = 'rolled_back' WHERE deployment_id = $1")
+        .bind(production)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(sweep_exceptions(&db, expires + Duration::seconds(1)).await, 1);
+
+    // On record, G3 stays bypassed for the promotion the exception covered;
+    // a new promotion is not covered.
+    assert_eq!(seed::gate_status(&db.pool, r, "G3").await, "bypassed");
+    let later = expires + Duration::seconds(2);
+    assert!(!seed::eligible(&db.pool, r, "production", Some(later)).await);
+    let blockers: Vec<String> = sqlx::query_scalar("SELECT ops.promotion_blockers($1, 'production', $2)")
+        .bind(r)
+        .bind(later)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        blockers,
+        [format!(
+            "G3 Promotion Readiness was bypassed by exception {exception}, which is not active now"
+        )]
+    );
+}
+
+#[tokio::test]
+async fn an_exception_granted_after_a_promotion_does_not_cover_it() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    seed::pass_g1_g2(&db.pool, r).await;
+    let now = seed::now();
+    seed::deployment(
+        &db.pool,
+        r,
+        "production",
+        "succeeded",
+        SHA,
+        now - Duration::hours(1),
+    )
+    .await;
+    // Granted after the promotion, its window backdated to cover it.
+    let expires = now + Duration::hours(1);
+    seed::exception(&db.pool, r, &["G3"], "rm-1", now - Duration::hours(2), expires).await;
+    assert_eq!(
+        seed::gate_status(&db.pool, r, "G3").await,
+        "bypassed",
+        "active now"
+    );
+    assert_eq!(sweep_exceptions(&db, expires + Duration::seconds(1)).await, 1);
+    // Once expired, it does not explain the earlier promotion on record.
+    assert_ne!(seed::gate_status(&db.pool, r, "G3").await, "bypassed");
+}
+
+#[tokio::test]
+async fn a_rolled_back_deployment_keeps_its_failed_g4() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    let deployed = seed::now() - Duration::hours(2); // production SLA: 30 min, then fail
+    let production = seed::deployment(&db.pool, r, "production", "succeeded", "sha-1", deployed).await;
+    assert_eq!(g4_of(&db, production).await, "failed");
+    sqlx::query("UPDATE ops.deployments SET status = 'rolled_back' WHERE deployment_id = $1")
+        .bind(production)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(g4_of(&db, production).await, "failed");
+}
+
+#[tokio::test]
+async fn a_direct_insert_cannot_preset_what_the_derivation_relies_on() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    let (created_at, overdue): (seed::Ts, Option<seed::Ts>) = sqlx::query_as(
+        "INSERT INTO ops.deployments (release_id, environment, deployed_by, source_ref, status, created_at,
+                                      g4_overdue_at, created_by)
+         VALUES ($1, 'production', 'sre-1', 'sha-1', 'failed', now() - interval '36 hours',
+                 '2000-01-01', 'sre-1')
+         RETURNING created_at, g4_overdue_at",
+    )
+    .bind(r)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(created_at > Utc::now() - Duration::minutes(5), "{created_at}");
+    assert_eq!(overdue, None);
+
+    // failed is final.
+    let revived = sqlx::query("UPDATE ops.deployments SET status = 'succeeded' WHERE release_id = $1")
+        .bind(r)
+        .execute(&db.pool)
+        .await;
+    assert_eq!(sqlstate(revived), CHECK_VIOLATION);
+}
