@@ -111,12 +111,30 @@ impl fmt::Debug for SecretUrl {
     }
 }
 
-/// The URL with any password replaced by `***`; unparsable input is hidden whole.
+/// The URL with any password replaced by `***`, in the user info and in the
+/// query (`?password=`, `?sslpassword=`, which the PostgreSQL driver
+/// honours too); unparsable input is hidden whole.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut parsed) => {
             if parsed.password().is_some() {
                 let _ = parsed.set_password(Some("***"));
+            }
+            let secret =
+                |key: &str| key.eq_ignore_ascii_case("password") || key.eq_ignore_ascii_case("sslpassword");
+            if parsed.query_pairs().any(|(key, _)| secret(&key)) {
+                let pairs: Vec<(String, String)> = parsed
+                    .query_pairs()
+                    .map(|(key, value)| {
+                        let value = if secret(&key) {
+                            "***".to_owned()
+                        } else {
+                            value.into_owned()
+                        };
+                        (key.into_owned(), value)
+                    })
+                    .collect();
+                parsed.query_pairs_mut().clear().extend_pairs(pairs);
             }
             parsed.to_string()
         }
@@ -498,6 +516,14 @@ mod tests {
             "postgres://postgres@127.0.0.1:5432/opsgate"
         );
         assert_eq!(redact_url("not a url"), "<unparsable url>");
+        assert_eq!(
+            redact_url("postgres://app@db.example.com:5432/opsgate?password=hunter2&sslmode=require"),
+            "postgres://app@db.example.com:5432/opsgate?password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db/opsgate?sslpassword=k3y"),
+            "postgres://app@db/opsgate?sslpassword=***"
+        );
     }
 
     #[test]

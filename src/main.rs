@@ -21,7 +21,7 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             // One line for people; the chain is in it, the details in the logs.
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", opsgate::cli::one_line(&error));
             ExitCode::FAILURE
         }
     }

@@ -186,5 +186,13 @@ async fn policy_apply_changes_what_a_gate_needs() {
         stderr.contains("policy G5/production was refused by the database"),
         "{stderr}"
     );
+
+    // One line, each cause once.
+    let missing = dir.join("missing.toml");
+    let output = opsgate(&db, &["policy", "apply", "--file", missing.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -98,6 +98,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// An error and its causes on one line, each cause once: many of our errors
+/// already end with the text of their source, which `{:#}` would repeat.
+pub fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
 fn print_settings(settings: &Settings) {
     println!("{settings:#?}");
 }
