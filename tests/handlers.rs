@@ -311,6 +311,54 @@ async fn gate_signoff_records_a_gate_approval_and_the_gate_follows() {
     );
 }
 
+#[tokio::test]
+async fn a_fact_dated_in_the_future_is_refused() {
+    // The latest check or decision wins: one dated 2099 would outvote every
+    // real one until then.
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    assert_rejected(
+        fails(
+            &db,
+            "check_result",
+            r,
+            Some("G1"),
+            json!({"check_name": "unit", "status": "pass", "observed_at": "2099-01-01T00:00:00Z"}),
+        )
+        .await,
+        422,
+        "observed_at 2099-01-01T00:00:00+00:00 is more than 5 minutes in the future",
+    );
+    let soon = Utc::now() + Duration::minutes(30);
+    assert_rejected(
+        fails(
+            &db,
+            "gate_signoff",
+            r,
+            Some("G2"),
+            json!({"approver_id": "qa-1", "persona_role": "qa_tester", "decision": "approved",
+                   "decided_at": soon}),
+        )
+        .await,
+        422,
+        "decided_at",
+    );
+    // A little ahead of our clock is a producer's drift, not an error.
+    ok(
+        &db,
+        "check_result",
+        r,
+        Some("G1"),
+        json!({"check_name": "unit", "status": "pass",
+               "observed_at": Utc::now() + Duration::seconds(30)}),
+    )
+    .await;
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM ops.approvals WHERE release_id = $1", r).await,
+        0
+    );
+}
+
 // --- evidence_attached ------------------------------------------------------
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::validate::{not_blank, one_of};
+use super::validate::{fact_time, not_blank, one_of};
 use super::{DbContext, Handled, HandlerError, payload, release_gate, required_gate};
 use crate::envelope::Envelope;
 
@@ -45,6 +45,7 @@ pub async fn gate_signoff(conn: &mut PgConnection, envelope: &Envelope) -> Resul
     one_of("persona_role", &signoff.persona_role, PERSONA_ROLES)?;
     one_of("decision", &signoff.decision, DECISIONS)?;
     let gate_code = required_gate(envelope)?;
+    let decided_at = fact_time("decided_at", signoff.decided_at, envelope)?;
     let gate = release_gate(conn, envelope.release_id, gate_code).await?;
 
     let approval_id: Uuid = sqlx::query_scalar(
@@ -60,7 +61,7 @@ pub async fn gate_signoff(conn: &mut PgConnection, envelope: &Envelope) -> Resul
     .bind(&signoff.decision)
     .bind(Value::Object(signoff.rationale_structured))
     .bind(&signoff.rationale_text)
-    .bind(signoff.decided_at.unwrap_or(envelope.emitted_at))
+    .bind(decided_at)
     .bind(&envelope.source_system)
     .fetch_one(&mut *conn)
     .await

@@ -7,6 +7,7 @@ use serde_json::{Map, Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::validate::fact_time;
 use super::{DbContext, Handled, HandlerError, payload, release_gate, required_gate};
 use crate::envelope::{Envelope, GateCode};
 use crate::text::quoted;
@@ -112,7 +113,7 @@ pub async fn build_complete(conn: &mut PgConnection, envelope: &Envelope) -> Res
         return Err(HandlerError::bad_request("build_complete is a G1 event"));
     }
     let gate = release_gate(conn, envelope.release_id, GateCode::G1).await?;
-    let built_at = build.built_at.unwrap_or(envelope.emitted_at);
+    let built_at = fact_time("built_at", build.built_at, envelope)?;
 
     let build_id: Uuid = sqlx::query_scalar(
         "INSERT INTO ops.builds (release_id, git_sha, branch, commit_message, author, built_at, image_digest,
@@ -184,6 +185,7 @@ pub async fn build_complete(conn: &mut PgConnection, envelope: &Envelope) -> Res
 
 pub async fn check_result(conn: &mut PgConnection, envelope: &Envelope) -> Result<Handled, HandlerError> {
     let check: CheckResult = payload(envelope)?;
+    let observed_at = fact_time("observed_at", check.observed_at, envelope)?;
     check_status(&check.status)?;
     let gate_code = required_gate(envelope)?;
     let gate = release_gate(conn, envelope.release_id, gate_code).await?;
@@ -198,7 +200,7 @@ pub async fn check_result(conn: &mut PgConnection, envelope: &Envelope) -> Resul
         &check.status,
         check.artifact_ref.as_deref(),
         check.deployment_id,
-        check.observed_at.unwrap_or(envelope.emitted_at),
+        observed_at,
         check.metadata,
     )
     .await?;

@@ -11,7 +11,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::build::{check_status, insert_check};
-use super::validate::{not_blank, not_blank_if_given, one_of};
+use super::validate::{fact_time, not_blank, not_blank_if_given, one_of};
 use super::{DbContext, Handled, HandlerError, payload, release_gate};
 use crate::envelope::{Envelope, GateCode};
 
@@ -272,7 +272,7 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
             .bind(deployment_id)
             .bind(envelope.release_id)
             .bind(&event.environment)
-            .bind(event.deployed_at.unwrap_or(envelope.emitted_at))
+            .bind(fact_time("deployed_at", event.deployed_at, envelope)?)
             .bind(&event.deployed_by)
             .bind(source_ref)
             .bind(&event.status)
@@ -381,6 +381,7 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
 
 pub async fn health_check(conn: &mut PgConnection, envelope: &Envelope) -> Result<Handled, HandlerError> {
     let check: HealthCheck = payload(envelope)?;
+    let observed_at = fact_time("observed_at", check.observed_at, envelope)?;
     check_status(&check.status)?;
     not_blank("check_name", &check.check_name)?;
     if envelope.gate_code.is_some_and(|gate| gate != GateCode::G4) {
@@ -399,7 +400,7 @@ pub async fn health_check(conn: &mut PgConnection, envelope: &Envelope) -> Resul
         &check.status,
         check.artifact_ref.as_deref(),
         Some(check.deployment_id),
-        check.observed_at.unwrap_or(envelope.emitted_at),
+        observed_at,
         check.metadata,
     )
     .await?;

@@ -1,11 +1,38 @@
 //! Small validations the handlers share: closed vocabularies, non-blank
 //! text, SHA-256 values, and ids derived from the idempotency key.
 
+use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
 use super::HandlerError;
 use crate::envelope::Envelope;
 use crate::text::quoted;
+
+/// How far ahead of the worker's clock a fact's time may be (producers'
+/// clocks drift a little).
+pub(crate) const MAX_CLOCK_SKEW_MINUTES: i64 = 5;
+
+/// When the fact happened: the payload's `field` if given, else the
+/// envelope's `emitted_at`. A time in the future is a 422: the latest fact
+/// decides a check or an approval, so one dated 2099 would outvote every
+/// real one until then.
+pub(crate) fn fact_time(
+    field: &str,
+    given: Option<DateTime<Utc>>,
+    envelope: &Envelope,
+) -> Result<DateTime<Utc>, HandlerError> {
+    let (at, named) = match given {
+        Some(at) => (at, field),
+        None => (envelope.emitted_at, "emitted_at"),
+    };
+    if at > Utc::now() + Duration::minutes(MAX_CLOCK_SKEW_MINUTES) {
+        return Err(HandlerError::unprocessable(format!(
+            "{named} {} is more than {MAX_CLOCK_SKEW_MINUTES} minutes in the future; check the producer's clock",
+            at.to_rfc3339()
+        )));
+    }
+    Ok(at)
+}
 
 /// The values of `ops.ops_environment`.
 pub(crate) const ENVIRONMENTS: &[&str] = &["dev", "staging", "production"];
