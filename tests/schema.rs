@@ -281,6 +281,42 @@ async fn a_rollback_points_at_a_deployment_of_its_own_release() {
 }
 
 #[tokio::test]
+async fn blank_means_any_whitespace_and_identities_are_trimmed() {
+    let db = TestDb::new().await;
+    let release = |project: &str, initiator: &str| {
+        sqlx::query(
+            "INSERT INTO ops.releases (project, release_name, environment_target, source_ref, initiating_actor)
+             VALUES ($1, 'v1', 'production', 'abc', $2)",
+        )
+        .bind(project.to_owned())
+        .bind(initiator.to_owned())
+        .execute(&db.pool)
+    };
+    assert_eq!(sqlstate(release("\t\n", "dev-1").await), CHECK_VIOLATION);
+    assert_eq!(sqlstate(release("acme/odoo", "dev-1 ").await), CHECK_VIOLATION);
+    release("acme/odoo", "dev-1").await.expect("a plain release");
+
+    let r = seed::release(&db.pool, "alice").await;
+    let g3 = seed::gate(&db.pool, r, "G3").await;
+    let approval = sqlx::query(
+        "INSERT INTO ops.approvals (release_id, gate_id, approver_id, persona_role, decision, scope)
+         VALUES ($1, $2, ' alice', 'release_manager', 'approved', 'gate')",
+    )
+    .bind(r)
+    .bind(g3)
+    .execute(&db.pool)
+    .await;
+    assert_eq!(sqlstate(approval), CHECK_VIOLATION);
+    let check = sqlx::query(
+        "INSERT INTO ops.gate_checks (gate_id, check_name, source_system, status) VALUES ($1, E'\t', 'ci', 'pass')",
+    )
+    .bind(g3)
+    .execute(&db.pool)
+    .await;
+    assert_eq!(sqlstate(check), CHECK_VIOLATION);
+}
+
+#[tokio::test]
 async fn sha256_columns_hold_64_hex_characters_or_null() {
     let db = TestDb::new().await;
     let release_id = seed::release(&db.pool, "dev-1").await;
