@@ -317,6 +317,30 @@ async fn blank_means_any_whitespace_and_identities_are_trimmed() {
 }
 
 #[tokio::test]
+async fn gate_policies_cannot_require_each_other_in_a_cycle() {
+    let db = TestDb::new().await;
+    let cycle = sqlx::query(
+        "UPDATE ops.gate_policies SET requires_gates = '{G3}'
+         WHERE gate_code = 'G1' AND environment = 'production'",
+    )
+    .execute(&db.pool)
+    .await;
+    // G3 requires G1 and G2 by default: G1 -> G3 -> G1.
+    let error = cycle.expect_err("a cycle");
+    assert!(
+        error
+            .to_string()
+            .contains("gate policies of production require each other in a cycle"),
+        "{error}"
+    );
+    // A requirement without a cycle is fine.
+    sqlx::query("UPDATE ops.gate_policies SET requires_gates = '{G1}' WHERE gate_code = 'G2' AND environment = 'production'")
+        .execute(&db.pool)
+        .await
+        .expect("G2 requiring G1");
+}
+
+#[tokio::test]
 async fn sha256_columns_hold_64_hex_characters_or_null() {
     let db = TestDb::new().await;
     let release_id = seed::release(&db.pool, "dev-1").await;
