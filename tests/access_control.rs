@@ -473,6 +473,37 @@ async fn as_role(conn: &mut PgConnection, role: &str, sql: &str) -> Result<u64, 
 }
 
 #[tokio::test]
+async fn ci_cannot_claim_a_key_or_take_the_workers_event_keys() {
+    let db = TestDb::new().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let zeros = "0".repeat(64);
+    // A forged accepted row would make the real event a duplicate.
+    let claim = format!(
+        "INSERT INTO ops.event_ingest_log (idempotency_key, payload_hash, processing_status, response_code, result)
+         VALUES ('n8n/r/gate_signoff/1', '{zeros}', 'accepted', 200, '{{}}')"
+    );
+    assert_eq!(
+        as_role(&mut conn, "ci_service_role", &claim).await,
+        Err("42501".into())
+    );
+    let attempt = format!(
+        "INSERT INTO ops.event_ingest_log (payload_hash, processing_status, response_code, error_detail)
+         VALUES ('{zeros}', 'rejected', 400, 'its own attempt')"
+    );
+    assert_eq!(as_role(&mut conn, "ci_service_role", &attempt).await, Ok(1));
+
+    let taken = "INSERT INTO ops.environment_events (environment, event_type, source_system, idempotency_key)
+                 VALUES ('production', 'note', 'ci', 'opsgate/policy_violation/' || gen_random_uuid())";
+    assert_eq!(
+        as_role(&mut conn, "ci_service_role", taken).await,
+        Err("42501".into())
+    );
+    let own = "INSERT INTO ops.environment_events (environment, event_type, source_system, idempotency_key)
+               VALUES ('production', 'note', 'ci', 'ci/' || gen_random_uuid())";
+    assert_eq!(as_role(&mut conn, "ci_service_role", own).await, Ok(1));
+}
+
+#[tokio::test]
 async fn qa_writes_evidence_only_in_its_own_name() {
     let db = TestDb::new().await;
     let mut conn = db.pool.acquire().await.unwrap();
