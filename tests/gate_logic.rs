@@ -658,3 +658,70 @@ async fn a_direct_insert_cannot_preset_what_the_derivation_relies_on() {
         .await;
     assert_eq!(sqlstate(revived), CHECK_VIOLATION);
 }
+
+// --- The time of a fact (migration 0011) -------------------------------------
+
+#[tokio::test]
+async fn an_exception_written_after_a_promotion_in_the_same_transaction_does_not_cover_it() {
+    // The worker applies several deliveries in one transaction: a deployment
+    // and, after it, an exception of the same release.
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    seed::pass_g1_g2(&db.pool, r).await;
+    let now = seed::now();
+    let expires = now + Duration::hours(1);
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO ops.deployments (release_id, environment, deployed_by, source_ref, status, created_by)
+         VALUES ($1, 'production', 'ci', 'abc123', 'succeeded', 'ci')",
+    )
+    .bind(r)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO ops.exceptions (release_id, exception_type, impacted_gates, reason, risk_statement,
+                                     approver_id, effective_from, expires_at, created_by)
+         VALUES ($1, 'gate_bypass', '{G3}', 'hotfix', 'rollback ready', 'rm-1', $2, $3, 'rm-1')",
+    )
+    .bind(r)
+    .bind(now - Duration::hours(2))
+    .bind(expires)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        seed::gate_status(&db.pool, r, "G3").await,
+        "bypassed",
+        "active now"
+    );
+    assert_eq!(sweep_exceptions(&db, expires + Duration::seconds(1)).await, 1);
+    assert_ne!(seed::gate_status(&db.pool, r, "G3").await, "bypassed");
+}
+
+#[tokio::test]
+async fn a_fact_is_derived_as_of_the_statement_that_wrote_it() {
+    // A transaction that began earlier (it waited for a release lock) still
+    // derives as of its write: an exception that became active meanwhile
+    // bypasses the gate.
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_sleep(1.2)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO ops.exceptions (release_id, exception_type, impacted_gates, reason, risk_statement,
+                                     approver_id, effective_from, expires_at, created_by)
+         VALUES ($1, 'gate_bypass', '{G1}', 'hotfix', 'rollback ready', 'rm-1',
+                 clock_timestamp() - interval '500 milliseconds', clock_timestamp() + interval '1 hour', 'rm-1')",
+    )
+    .bind(r)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(seed::gate_status(&db.pool, r, "G1").await, "bypassed");
+}

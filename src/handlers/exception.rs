@@ -89,7 +89,9 @@ pub async fn exception_granted(conn: &mut PgConnection, envelope: &Envelope) -> 
     let effective_from = exception.effective_from.unwrap_or(envelope.emitted_at);
 
     let initiator = existing_release(conn, envelope.release_id).await?;
-    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+    // The statement's time, not the transaction's: a batch's transaction may
+    // have begun before it waited for its release locks.
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT statement_timestamp()")
         .fetch_one(&mut *conn)
         .await
         .db("read the database clock")?;
