@@ -12,6 +12,12 @@
 -- whose status changed. What is derived does not change
 -- (benches/derivation.rs shows what it saves).
 --
+-- The derivation a fact triggers is now as of the statement that wrote it,
+-- not of the start of its transaction: the worker applies several deliveries
+-- in one transaction and takes its release locks inside it, so a transaction
+-- may begin well before its writes (an exception that became active, or
+-- expired, while it waited would be judged at the wrong time).
+--
 -- CREATE OR REPLACE resets a function's attributes, so each one restates
 -- them (0003: derivation runs with the owner's rights).
 
@@ -162,7 +168,7 @@ BEGIN
             gates := '{G4}';
         END IF;
     END IF;
-    PERFORM ops.refresh_release(id, now(), coalesce(gates, '{}'))
+    PERFORM ops.refresh_release(id, statement_timestamp(), coalesce(gates, '{}'))
     FROM (SELECT DISTINCT id FROM unnest(affected) AS id WHERE id IS NOT NULL) ids;
     RETURN NULL;
 END

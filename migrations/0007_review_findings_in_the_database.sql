@@ -11,12 +11,17 @@
 -- 3. A rolled-back deployment keeps its G4 deadline: an overdue G4 fails
 --    (or is flagged) as for a succeeded one, instead of going back to
 --    pending for ever.
--- 4. created_at of exceptions and deployments is the time of the insert, and
+-- 4. created_at of exceptions and deployments is the clock at the insert
+--    (not the start of the transaction: a deployment and an exception written
+--    in one batch must not look simultaneous), and
 --    a new deployment starts with G4 pending, not overdue: the derivation
 --    relies on both, so a direct insert cannot set them. A deployment's
 --    status moves only in_progress -> succeeded | failed and
 --    succeeded -> rolled_back, as the worker enforces.
 -- 5. ops.mask_url: a host with a trailing dot (localhost.) is the same host.
+-- 6. The guard on gate status evaluates as of the statement that writes the
+--    gate, like the derivation (0005), so both judge an exception window at
+--    the same moment.
 --
 -- CREATE OR REPLACE resets a function's attributes, so each one restates
 -- them (0003: derivation runs with the owner's rights).
@@ -41,7 +46,7 @@ BEGIN
       AND (
           ops.exception_active(e, p_now)
           OR (promoted IS NOT NULL
-              AND e.created_at <= promoted
+              AND e.created_at < promoted
               AND e.effective_from <= promoted
               AND promoted < e.expires_at
               AND (e.expired_at IS NULL OR promoted < e.expired_at))
@@ -245,7 +250,7 @@ CREATE FUNCTION ops.stamp_insert() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    NEW.created_at := now();
+    NEW.created_at := clock_timestamp();
     IF TG_TABLE_NAME = 'deployments' THEN
         NEW.g4_status := 'pending';
         NEW.g4_resolved_at := NULL;
@@ -277,3 +282,40 @@ REVOKE EXECUTE ON FUNCTION ops.guard_deployment_status() FROM PUBLIC;
 CREATE TRIGGER deployments_guard_status BEFORE UPDATE OF status ON ops.deployments
     FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
     EXECUTE FUNCTION ops.guard_deployment_status();
+
+CREATE OR REPLACE FUNCTION ops.check_gate_status_change(p_op text, p_gate_id uuid, p_release_id uuid,
+                                             p_gate_code ops.ops_gate_code, p_status ops.ops_gate_status,
+                                             p_exception_id uuid) RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ev    record;
+    exc   ops.exceptions;
+    unmet text;
+BEGIN
+    IF p_status = 'passed' THEN
+        IF p_op = 'INSERT' THEN
+            RAISE EXCEPTION '% cannot be created as passed: gates start pending and pass from their facts',
+                ops.gate_label(p_gate_code) USING ERRCODE = 'check_violation';
+        END IF;
+        -- Required gates are read as stored: they passed this same guard.
+        SELECT * INTO ev FROM ops.evaluate_gate(p_gate_id, statement_timestamp(), true);
+        IF ev.own_status <> 'passed' THEN
+            SELECT string_agg(req ->> 'detail', '; ') INTO unmet
+            FROM jsonb_array_elements(ev.explanation -> 'requirements') req
+            WHERE NOT (req ->> 'met')::boolean;
+            RAISE EXCEPTION '% of release % cannot be passed: %', ops.gate_label(p_gate_code), p_release_id,
+                coalesce(unmet, 'its requirements are not met')
+                USING ERRCODE = 'check_violation',
+                      HINT = 'Record the missing approvals and evidence, or grant a time-bounded exception.';
+        END IF;
+    ELSIF p_status = 'bypassed' THEN
+        exc := ops.bypassing_exception(p_release_id, p_gate_code, statement_timestamp());
+        IF exc.exception_id IS NULL OR exc.exception_id IS DISTINCT FROM p_exception_id THEN
+            RAISE EXCEPTION '% of release % cannot be bypassed: no active exception % covers it',
+                ops.gate_label(p_gate_code), p_release_id, coalesce(p_exception_id::text, '')
+                USING ERRCODE = 'check_violation';
+        END IF;
+    END IF;
+END
+$$;

@@ -659,7 +659,7 @@ async fn a_direct_insert_cannot_preset_what_the_derivation_relies_on() {
     assert_eq!(sqlstate(revived), CHECK_VIOLATION);
 }
 
-// --- The time of a fact (migration 0011) -------------------------------------
+// --- The time of a fact (migrations 0005 and 0007) ---------------------------
 
 #[tokio::test]
 async fn an_exception_written_after_a_promotion_in_the_same_transaction_does_not_cover_it() {
