@@ -14,6 +14,8 @@
 //!
 //! Both databases are created for the run and dropped at its end.
 
+mod common;
+
 use std::time::Instant;
 
 use opsgate::config::{DatabaseSettings, SecretUrl};
@@ -40,10 +42,6 @@ fn args() -> Args {
         }
     }
     args
-}
-
-fn server_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
 /// The steps of a release's life, in order. `$1` is the round's project:
@@ -119,16 +117,9 @@ const STEPS: &[(&str, &str)] = &[
     ),
 ];
 
-const DISABLE_DERIVATION: &str = "
-    ALTER TABLE ops.gate_checks DISABLE TRIGGER gate_checks_refresh;
-    ALTER TABLE ops.approvals DISABLE TRIGGER approvals_refresh;
-    ALTER TABLE ops.evidence_artifacts DISABLE TRIGGER evidence_artifacts_refresh;
-    ALTER TABLE ops.exceptions DISABLE TRIGGER exceptions_refresh;
-    ALTER TABLE ops.deployments DISABLE TRIGGER deployments_refresh;";
-
 async fn database(name: &str) -> PgPool {
     let settings = DatabaseSettings {
-        url: SecretUrl::new(server_url()).with_path(&format!("/{name}")),
+        url: SecretUrl::new(common::server_url()).with_path(&format!("/{name}")),
         max_connections: 1,
         acquire_timeout_secs: 10,
     };
@@ -140,18 +131,6 @@ async fn database(name: &str) -> PgPool {
         .await
         .expect("session settings");
     pool
-}
-
-async fn drop_database(name: &str) {
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&server_url())
-        .await
-        .expect("connect to drop the benchmark database");
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-    )))
-    .execute(&mut conn)
-    .await
-    .expect("drop the benchmark database");
 }
 
 /// Microseconds per fact of each step, one round.
@@ -193,10 +172,7 @@ async fn main() {
     ];
     let with = database(&names[0]).await;
     let without = database(&names[1]).await;
-    sqlx::raw_sql(DISABLE_DERIVATION)
-        .execute(&without)
-        .await
-        .expect("disable the derivation triggers");
+    common::disable_derivation(&without).await;
 
     println!("opsgate derivation benchmark");
     println!(
@@ -241,6 +217,8 @@ async fn main() {
     with.close().await;
     without.close().await;
     for name in &names {
-        drop_database(name).await;
+        common::drop_database(name)
+            .await
+            .expect("drop the benchmark database");
     }
 }

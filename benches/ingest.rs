@@ -19,6 +19,8 @@
 //! benchmark's own database, to show what the rest of the pipeline (queue,
 //! ledger, handler writes, commit) costs on its own.
 
+mod common;
+
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -70,11 +72,6 @@ fn args() -> Args {
         i += 1;
     }
     args
-}
-
-fn server_url() -> String {
-    std::env::var("OPSGATE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
 fn amqp_url() -> String {
@@ -350,7 +347,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn main() {
     let args = args();
     let name = format!("opsgate_bench_{}", Uuid::new_v4().simple());
-    let server = SecretUrl::new(server_url());
+    let server = SecretUrl::new(common::server_url());
     let database = DatabaseSettings {
         url: server.with_path(&format!("/{name}")),
         max_connections: 4,
@@ -361,16 +358,7 @@ async fn main() {
         .expect("migrate the bench database");
     let pool = opsgate::database::connect(&database).await.expect("connect");
     if args.without_derivation {
-        sqlx::raw_sql(
-            "ALTER TABLE ops.gate_checks DISABLE TRIGGER gate_checks_refresh;
-             ALTER TABLE ops.approvals DISABLE TRIGGER approvals_refresh;
-             ALTER TABLE ops.evidence_artifacts DISABLE TRIGGER evidence_artifacts_refresh;
-             ALTER TABLE ops.exceptions DISABLE TRIGGER exceptions_refresh;
-             ALTER TABLE ops.deployments DISABLE TRIGGER deployments_refresh;",
-        )
-        .execute(&pool)
-        .await
-        .expect("disable the derivation triggers");
+        common::disable_derivation(&pool).await;
     }
     let synchronous_commit: String = sqlx::query_scalar("SHOW synchronous_commit")
         .fetch_one(&pool)
@@ -659,11 +647,7 @@ async fn main() {
     pool.close().await;
     if args.keep_database {
         println!("  database kept: {name}");
-    } else if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&server_url()).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-        )))
-        .execute(&mut conn)
-        .await;
+    } else if let Err(error) = common::drop_database(&name).await {
+        eprintln!("  could not drop the benchmark database {name}: {error}");
     }
 }

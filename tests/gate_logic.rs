@@ -671,25 +671,8 @@ async fn an_exception_written_after_a_promotion_in_the_same_transaction_does_not
     let now = seed::now();
     let expires = now + Duration::hours(1);
     let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query(
-        "INSERT INTO ops.deployments (release_id, environment, deployed_by, source_ref, status, created_by)
-         VALUES ($1, 'production', 'ci', 'abc123', 'succeeded', 'ci')",
-    )
-    .bind(r)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO ops.exceptions (release_id, exception_type, impacted_gates, reason, risk_statement,
-                                     approver_id, effective_from, expires_at, created_by)
-         VALUES ($1, 'gate_bypass', '{G3}', 'hotfix', 'rollback ready', 'rm-1', $2, $3, 'rm-1')",
-    )
-    .bind(r)
-    .bind(now - Duration::hours(2))
-    .bind(expires)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
+    seed::deployment(&mut *tx, r, "production", "succeeded", SHA, now).await;
+    seed::exception(&mut *tx, r, &["G3"], "rm-1", now - Duration::hours(2), expires).await;
     tx.commit().await.unwrap();
     assert_eq!(
         seed::gate_status(&db.pool, r, "G3").await,

@@ -129,7 +129,7 @@ pub async fn evidence(pool: &PgPool, release_id: Uuid, artifact_type: &str) {
 }
 
 pub async fn exception(
-    pool: &PgPool,
+    conn: impl sqlx::PgExecutor<'_>,
     release_id: Uuid,
     gates: &[&str],
     approver: &str,
@@ -148,13 +148,13 @@ pub async fn exception(
     .bind(approver)
     .bind(from)
     .bind(expires)
-    .fetch_one(pool)
+    .fetch_one(conn)
     .await
     .expect("insert exception")
 }
 
 pub async fn deployment(
-    pool: &PgPool,
+    conn: impl sqlx::PgExecutor<'_>,
     release_id: Uuid,
     env: &str,
     status: &str,
@@ -171,7 +171,7 @@ pub async fn deployment(
     .bind(source_ref)
     .bind(status)
     .bind(deployed_at)
-    .fetch_one(pool)
+    .fetch_one(conn)
     .await
     .expect("insert deployment")
 }
