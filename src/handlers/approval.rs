@@ -9,7 +9,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::validate::{fact_time, not_blank, one_of};
-use super::{DbContext, Handled, HandlerError, payload, release_gate, required_gate};
+use super::{DbContext, Handled, HandlerError, payload, required_gate};
 use crate::envelope::Envelope;
 
 /// The values of `ops.ops_persona_role`.
@@ -46,16 +46,18 @@ pub async fn gate_signoff(conn: &mut PgConnection, envelope: &Envelope) -> Resul
     one_of("decision", &signoff.decision, DECISIONS)?;
     let gate_code = required_gate(envelope)?;
     let decided_at = fact_time("decided_at", signoff.decided_at, envelope)?;
-    let gate = release_gate(conn, envelope.release_id, gate_code).await?;
-
-    let approval_id: Uuid = sqlx::query_scalar(
+    // The gate is looked up by the insert; none written: the release is unknown.
+    let (approval_id, gate): (Uuid, Uuid) = sqlx::query_as(
         "INSERT INTO ops.approvals (release_id, gate_id, approver_id, persona_role, decision, scope,
                                     rationale_structured, rationale_text, decided_at, created_by)
-         VALUES ($1, $2, $3, $4::ops.ops_persona_role, $5::ops.ops_decision_type, 'gate', $6, $7, $8, $9)
-         RETURNING approval_id",
+         SELECT g.release_id, g.gate_id, $3, $4::ops.ops_persona_role, $5::ops.ops_decision_type, 'gate',
+                $6, $7, $8, $9
+         FROM ops.release_gates g
+         WHERE g.release_id = $1 AND g.gate_code = $2::ops.ops_gate_code
+         RETURNING approval_id, gate_id",
     )
     .bind(envelope.release_id)
-    .bind(gate)
+    .bind(gate_code.as_str())
     .bind(&signoff.approver_id)
     .bind(&signoff.persona_role)
     .bind(&signoff.decision)
@@ -63,9 +65,10 @@ pub async fn gate_signoff(conn: &mut PgConnection, envelope: &Envelope) -> Resul
     .bind(&signoff.rationale_text)
     .bind(decided_at)
     .bind(&envelope.source_system)
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await
-    .db("insert the approval")?;
+    .db("insert the approval")?
+    .ok_or(HandlerError::UnknownRelease(envelope.release_id))?;
     Ok(Handled::reporting_gate(
         json!({
             "approval_id": approval_id,

@@ -74,36 +74,57 @@ pub(crate) fn check_status(status: &str) -> Result<(), HandlerError> {
     }
 }
 
-/// Inserts one check and returns its id.
-#[allow(clippy::too_many_arguments)]
+/// A check to record on the gate `gate` of `release_id`, for a deployment of
+/// that release when `deployment_id` is given.
+pub(crate) struct NewCheck<'a> {
+    pub release_id: Uuid,
+    pub gate: GateCode,
+    pub check_name: &'a str,
+    pub source_system: &'a str,
+    pub status: &'a str,
+    pub artifact_ref: Option<&'a str>,
+    pub deployment_id: Option<Uuid>,
+    pub observed_at: DateTime<Utc>,
+    pub metadata: Map<String, Value>,
+}
+
+/// Inserts one check and returns its id and its gate's id. The gate and the
+/// deployment are looked up by the insert itself (one round trip); when it
+/// writes nothing, they are looked up one by one to say which is missing.
 pub(crate) async fn insert_check(
     conn: &mut PgConnection,
-    gate_id: Uuid,
-    check_name: &str,
-    source_system: &str,
-    status: &str,
-    artifact_ref: Option<&str>,
-    deployment_id: Option<Uuid>,
-    observed_at: DateTime<Utc>,
-    metadata: Map<String, Value>,
-) -> Result<Uuid, HandlerError> {
-    sqlx::query_scalar(
+    check: NewCheck<'_>,
+) -> Result<(Uuid, Uuid), HandlerError> {
+    let inserted: Option<(Uuid, Uuid)> = sqlx::query_as(
         "INSERT INTO ops.gate_checks (gate_id, check_name, source_system, status, artifact_ref, deployment_id,
                                       observed_at, metadata, created_by)
-         VALUES ($1, $2, $3, $4::ops.ops_check_status, $5, $6, $7, $8, $3)
-         RETURNING check_id",
+         SELECT g.gate_id, $3, $4, $5::ops.ops_check_status, $6, $7, $8, $9, $4
+         FROM ops.release_gates g
+         WHERE g.release_id = $1 AND g.gate_code = $2::ops.ops_gate_code
+           AND ($7::uuid IS NULL
+                OR EXISTS (SELECT 1 FROM ops.deployments d WHERE d.deployment_id = $7 AND d.release_id = $1))
+         RETURNING check_id, gate_id",
     )
-    .bind(gate_id)
-    .bind(check_name)
-    .bind(source_system)
-    .bind(status)
-    .bind(artifact_ref)
-    .bind(deployment_id)
-    .bind(observed_at)
-    .bind(Value::Object(metadata))
-    .fetch_one(conn)
+    .bind(check.release_id)
+    .bind(check.gate.as_str())
+    .bind(check.check_name)
+    .bind(check.source_system)
+    .bind(check.status)
+    .bind(check.artifact_ref)
+    .bind(check.deployment_id)
+    .bind(check.observed_at)
+    .bind(Value::Object(check.metadata))
+    .fetch_optional(&mut *conn)
     .await
-    .db("insert the check")
+    .db("insert the check")?;
+    if let Some(inserted) = inserted {
+        return Ok(inserted);
+    }
+    release_gate(conn, check.release_id, check.gate).await?;
+    if let Some(deployment_id) = check.deployment_id {
+        super::deployment::deployment_of_release(conn, check.release_id, deployment_id).await?;
+    }
+    Err(super::vanished("the check's gate or deployment"))
 }
 
 pub async fn build_complete(conn: &mut PgConnection, envelope: &Envelope) -> Result<Handled, HandlerError> {
@@ -112,13 +133,13 @@ pub async fn build_complete(conn: &mut PgConnection, envelope: &Envelope) -> Res
     if envelope.gate_code.is_some_and(|gate| gate != GateCode::G1) {
         return Err(HandlerError::bad_request("build_complete is a G1 event"));
     }
-    let gate = release_gate(conn, envelope.release_id, GateCode::G1).await?;
     let built_at = fact_time("built_at", build.built_at, envelope)?;
 
+    // The release is looked up by the insert; none written: it is unknown.
     let build_id: Uuid = sqlx::query_scalar(
         "INSERT INTO ops.builds (release_id, git_sha, branch, commit_message, author, built_at, image_digest,
                                  lock_file_hashes, ci_run_url, created_by)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         SELECT r.release_id, $2, $3, $4, $5, $6, $7, $8, $9, $10 FROM ops.releases r WHERE r.release_id = $1
          RETURNING build_id",
     )
     .bind(envelope.release_id)
@@ -131,23 +152,27 @@ pub async fn build_complete(conn: &mut PgConnection, envelope: &Envelope) -> Res
     .bind(Value::Object(build.lock_file_hashes))
     .bind(&build.ci_run_url)
     .bind(&envelope.source_system)
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await
-    .db("insert the build manifest")?;
+    .db("insert the build manifest")?
+    .ok_or(HandlerError::UnknownRelease(envelope.release_id))?;
 
     let mut metadata = build.metadata;
     metadata.insert("build_id".to_owned(), json!(build_id));
     metadata.insert("git_sha".to_owned(), json!(build.git_sha));
-    let check_id = insert_check(
+    let (check_id, gate) = insert_check(
         conn,
-        gate,
-        &build.check_name,
-        &envelope.source_system,
-        &build.status,
-        build.ci_run_url.as_deref().or(build.build_log_url.as_deref()),
-        None,
-        built_at,
-        metadata,
+        NewCheck {
+            release_id: envelope.release_id,
+            gate: GateCode::G1,
+            check_name: &build.check_name,
+            source_system: &envelope.source_system,
+            status: &build.status,
+            artifact_ref: build.ci_run_url.as_deref().or(build.build_log_url.as_deref()),
+            deployment_id: None,
+            observed_at: built_at,
+            metadata,
+        },
     )
     .await?;
 
@@ -188,20 +213,19 @@ pub async fn check_result(conn: &mut PgConnection, envelope: &Envelope) -> Resul
     let observed_at = fact_time("observed_at", check.observed_at, envelope)?;
     check_status(&check.status)?;
     let gate_code = required_gate(envelope)?;
-    let gate = release_gate(conn, envelope.release_id, gate_code).await?;
-    if let Some(deployment_id) = check.deployment_id {
-        super::deployment::deployment_of_release(conn, envelope.release_id, deployment_id).await?;
-    }
-    let check_id = insert_check(
+    let (check_id, gate) = insert_check(
         conn,
-        gate,
-        &check.check_name,
-        &envelope.source_system,
-        &check.status,
-        check.artifact_ref.as_deref(),
-        check.deployment_id,
-        observed_at,
-        check.metadata,
+        NewCheck {
+            release_id: envelope.release_id,
+            gate: gate_code,
+            check_name: &check.check_name,
+            source_system: &envelope.source_system,
+            status: &check.status,
+            artifact_ref: check.artifact_ref.as_deref(),
+            deployment_id: check.deployment_id,
+            observed_at,
+            metadata: check.metadata,
+        },
     )
     .await?;
     Ok(Handled::reporting_gate(

@@ -10,9 +10,9 @@ use serde_json::{Map, Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::build::{check_status, insert_check};
+use super::build::{NewCheck, check_status, insert_check};
 use super::validate::{fact_time, not_blank, not_blank_if_given, one_of};
-use super::{DbContext, Handled, HandlerError, payload, release_gate};
+use super::{DbContext, Handled, HandlerError, payload};
 use crate::envelope::{Envelope, GateCode};
 
 /// The environments a deployment can target.
@@ -390,18 +390,19 @@ pub async fn health_check(conn: &mut PgConnection, envelope: &Envelope) -> Resul
             envelope.gate_code.map_or("", GateCode::as_str)
         )));
     }
-    let gate = release_gate(conn, envelope.release_id, GateCode::G4).await?;
-    deployment_of_release(conn, envelope.release_id, check.deployment_id).await?;
-    let check_id = insert_check(
+    let (check_id, gate) = insert_check(
         conn,
-        gate,
-        &check.check_name,
-        &envelope.source_system,
-        &check.status,
-        check.artifact_ref.as_deref(),
-        Some(check.deployment_id),
-        observed_at,
-        check.metadata,
+        NewCheck {
+            release_id: envelope.release_id,
+            gate: GateCode::G4,
+            check_name: &check.check_name,
+            source_system: &envelope.source_system,
+            status: &check.status,
+            artifact_ref: check.artifact_ref.as_deref(),
+            deployment_id: Some(check.deployment_id),
+            observed_at,
+            metadata: check.metadata,
+        },
     )
     .await?;
     let g4_status: String =

@@ -8,7 +8,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::validate::{ENVIRONMENTS, not_blank, one_of, sha256};
-use super::{DbContext, Handled, HandlerError, existing_release, payload, release_gate};
+use super::{DbContext, Handled, HandlerError, existing_release, payload, release_gate, vanished};
 use crate::envelope::Envelope;
 
 /// The values of `ops.ops_artifact_type`.
@@ -58,29 +58,27 @@ pub async fn evidence_attached(
     if let Some(environment) = &evidence.environment {
         one_of("environment", environment, ENVIRONMENTS)?;
     }
-    let gate = match envelope.gate_code {
-        Some(code) => Some(release_gate(conn, envelope.release_id, code).await?),
-        None => {
-            existing_release(conn, envelope.release_id).await?;
-            None
-        }
-    };
-    if let Some(check_id) = evidence.check_id {
-        check_of_release(conn, envelope.release_id, check_id).await?;
-    }
-    if let Some(deployment_id) = evidence.deployment_id {
-        super::deployment::deployment_of_release(conn, envelope.release_id, deployment_id).await?;
-    }
-
-    let artifact_id: Uuid = sqlx::query_scalar(
+    // The release, gate, check and deployment are looked up by the insert
+    // (one round trip); when it writes nothing, one by one to say which.
+    let inserted: Option<(Uuid, Option<Uuid>)> = sqlx::query_as(
         "INSERT INTO ops.evidence_artifacts (release_id, gate_id, check_id, deployment_id, environment,
                                              artifact_type, source_system, artifact_url, sha256, metadata,
                                              created_by)
-         VALUES ($1, $2, $3, $4, $5::ops.ops_environment, $6::ops.ops_artifact_type, $7, $8, $9, $10, $7)
-         RETURNING artifact_id",
+         SELECT r.release_id, g.gate_id, $3, $4, $5::ops.ops_environment, $6::ops.ops_artifact_type, $7, $8, $9,
+                $10, $7
+         FROM ops.releases r
+         LEFT JOIN ops.release_gates g ON g.release_id = r.release_id AND g.gate_code = $2::ops.ops_gate_code
+         WHERE r.release_id = $1
+           AND ($2::ops.ops_gate_code IS NULL OR g.gate_id IS NOT NULL)
+           AND ($3::uuid IS NULL OR EXISTS (
+                SELECT 1 FROM ops.gate_checks c JOIN ops.release_gates cg USING (gate_id)
+                WHERE c.check_id = $3 AND cg.release_id = r.release_id))
+           AND ($4::uuid IS NULL OR EXISTS (
+                SELECT 1 FROM ops.deployments d WHERE d.deployment_id = $4 AND d.release_id = r.release_id))
+         RETURNING artifact_id, gate_id",
     )
     .bind(envelope.release_id)
-    .bind(gate)
+    .bind(envelope.gate_code.map(|code| code.as_str()))
     .bind(evidence.check_id)
     .bind(evidence.deployment_id)
     .bind(&evidence.environment)
@@ -89,9 +87,12 @@ pub async fn evidence_attached(
     .bind(&evidence.artifact_url)
     .bind(&evidence.sha256)
     .bind(Value::Object(evidence.metadata))
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await
     .db("insert the evidence artifact")?;
+    let Some((artifact_id, gate)) = inserted else {
+        return Err(why_not_inserted(conn, envelope, evidence.check_id, evidence.deployment_id).await);
+    };
     Ok(Handled::reporting_gate(
         json!({
             "artifact_id": artifact_id,
@@ -101,6 +102,37 @@ pub async fn evidence_attached(
         }),
         gate,
     ))
+}
+
+/// Why the evidence of `envelope` could not be inserted: the first of its
+/// references that is missing or belongs to another release.
+async fn why_not_inserted(
+    conn: &mut PgConnection,
+    envelope: &Envelope,
+    check_id: Option<Uuid>,
+    deployment_id: Option<Uuid>,
+) -> HandlerError {
+    let found = async {
+        match envelope.gate_code {
+            Some(code) => {
+                release_gate(conn, envelope.release_id, code).await?;
+            }
+            None => {
+                existing_release(conn, envelope.release_id).await?;
+            }
+        }
+        if let Some(check_id) = check_id {
+            check_of_release(conn, envelope.release_id, check_id).await?;
+        }
+        if let Some(deployment_id) = deployment_id {
+            super::deployment::deployment_of_release(conn, envelope.release_id, deployment_id).await?;
+        }
+        Ok::<(), HandlerError>(())
+    };
+    match found.await {
+        Ok(()) => vanished("the evidence's release, gate, check or deployment"),
+        Err(error) => error,
+    }
 }
 
 /// Fails unless `check_id` is a check of `release_id`: UnknownReference when

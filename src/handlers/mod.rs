@@ -136,6 +136,14 @@ pub(crate) async fn release_gate(
     .ok_or(HandlerError::UnknownRelease(release_id))
 }
 
+/// A write that looks up what it refers to in its own statement wrote
+/// nothing, yet each lookup alone finds its row: a direct writer changed
+/// the rows in between (the worker's own writes of a release are serialized
+/// by the release lock).
+pub(crate) fn vanished(what: &str) -> HandlerError {
+    HandlerError::conflict(format!("{what} changed while the event was being applied"))
+}
+
 /// What a handler returns: its JSON result, and the gate whose derived
 /// status the result reports as `gate_status`. That status is read when the
 /// ledger stores the result, after every write of the event (and so after
