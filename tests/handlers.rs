@@ -844,6 +844,24 @@ async fn deployment_events_record_then_advance_a_deployment() {
         (&again["status"], &again["previous_status"]),
         (&json!("succeeded"), &json!("succeeded"))
     );
+    // Each environment event describes the deployment as stored by its step.
+    let described: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT e.payload ->> 'status',
+                (e.payload ->> 'deployed_at')::timestamptz = d.deployed_at
+                AND e.payload ->> 'source_ref' = d.source_ref AND e.payload ->> 'deployed_by' = d.deployed_by
+                AND e.payload ->> 'environment' = d.environment::text AND e.payload -> 'rollback_of' = 'null'
+         FROM ops.environment_events e JOIN ops.deployments d USING (deployment_id)
+         WHERE e.deployment_id = $1 ORDER BY e.created_at",
+    )
+    .bind(d)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        described,
+        [("in_progress", true), ("succeeded", true), ("succeeded", true)]
+            .map(|(status, same)| (status.to_owned(), same))
+    );
     let payload = |status: &str, environment: &str| json!({"deployment_id": d, "environment": environment, "status": status, "deployed_by": "sre-1"});
     assert_rejected(
         fails(

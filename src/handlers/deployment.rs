@@ -110,8 +110,21 @@ fn transition_allowed(from: &str, to: &str) -> bool {
         )
 }
 
-/// The deployment as stored.
+/// The deployment as stored before the event, with the source_ref of the
+/// event's release (read together: one round trip).
 #[derive(sqlx::FromRow)]
+struct Before {
+    release_source_ref: String,
+    release_id: Option<Uuid>,
+    environment: Option<String>,
+    status: Option<String>,
+    deployed_by: Option<String>,
+    source_ref: Option<String>,
+    deployed_at: Option<DateTime<Utc>>,
+    rollback_of: Option<Uuid>,
+}
+
+/// The deployment as stored.
 struct Deployment {
     release_id: Uuid,
     environment: String,
@@ -120,38 +133,20 @@ struct Deployment {
     source_ref: String,
     deployed_at: DateTime<Utc>,
     rollback_of: Option<Uuid>,
-    g4_status: String,
-    /// The status of its release, derived with the deployment's latest write.
-    release_status: String,
 }
 
-/// The query of `read_deployment`, as a literal so that the locking
-/// variant can be built from it at compile time.
-macro_rules! select_deployment {
-    () => {
-        "SELECT d.release_id, d.environment::text AS environment, d.status::text AS status, d.deployed_by,
-                d.source_ref, d.deployed_at, d.rollback_of, d.g4_status::text AS g4_status,
-                r.status::text AS release_status
-         FROM ops.deployments d JOIN ops.releases r ON r.release_id = d.release_id
-         WHERE d.deployment_id = $1"
-    };
-}
-
-async fn read_deployment(
-    conn: &mut PgConnection,
-    deployment_id: Uuid,
-    lock: bool,
-) -> Result<Option<Deployment>, HandlerError> {
-    let sql = if lock {
-        concat!(select_deployment!(), " FOR UPDATE OF d")
-    } else {
-        select_deployment!()
-    };
-    sqlx::query_as(sql)
-        .bind(deployment_id)
-        .fetch_optional(conn)
-        .await
-        .db("read the deployment")
+impl Before {
+    fn deployment(self) -> Option<Deployment> {
+        Some(Deployment {
+            release_id: self.release_id?,
+            environment: self.environment?,
+            status: self.status?,
+            deployed_by: self.deployed_by?,
+            source_ref: self.source_ref?,
+            deployed_at: self.deployed_at?,
+            rollback_of: self.rollback_of,
+        })
+    }
 }
 
 pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> Result<Value, HandlerError> {
@@ -166,13 +161,22 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
             event.deployment_id
         )));
     }
-    let release_source_ref: String =
-        sqlx::query_scalar("SELECT source_ref FROM ops.releases WHERE release_id = $1")
-            .bind(envelope.release_id)
-            .fetch_optional(&mut *conn)
-            .await
-            .db("look up the release")?
-            .ok_or(HandlerError::UnknownRelease(envelope.release_id))?;
+    // Unlocked: two events of one release are serialized by the release
+    // lock, and the status update below only applies to the status read here.
+    let before: Before = sqlx::query_as(
+        "SELECT r.source_ref AS release_source_ref, d.release_id, d.environment::text AS environment,
+                d.status::text AS status, d.deployed_by, d.source_ref, d.deployed_at, d.rollback_of
+         FROM ops.releases r LEFT JOIN ops.deployments d ON d.deployment_id = $2
+         WHERE r.release_id = $1",
+    )
+    .bind(envelope.release_id)
+    .bind(event.deployment_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .db("read the release and the deployment")?
+    .ok_or(HandlerError::UnknownRelease(envelope.release_id))?;
+    let release_source_ref = before.release_source_ref.clone();
+    let existing = before.deployment();
     let deployment_id = event.deployment_id;
 
     // A rollback is recorded against the release it rolls back (its
@@ -209,7 +213,6 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
         }
     }
 
-    let existing = read_deployment(conn, deployment_id, true).await?;
     if let Some(current) = &existing {
         if current.release_id != envelope.release_id {
             return Err(HandlerError::conflict(format!(
@@ -261,51 +264,63 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
     let eligible = blockers.is_empty();
 
     let previous_status = existing.as_ref().map(|current| current.status.clone());
-    match &existing {
+    let stored = match existing {
         None => {
-            let source_ref = event.source_ref.as_ref().unwrap_or(&release_source_ref);
+            let stored = Deployment {
+                release_id: envelope.release_id,
+                environment: event.environment.clone(),
+                status: event.status.clone(),
+                deployed_by: event.deployed_by.clone(),
+                source_ref: event.source_ref.clone().unwrap_or(release_source_ref),
+                deployed_at: fact_time("deployed_at", event.deployed_at, envelope)?,
+                rollback_of,
+            };
             sqlx::query(
                 "INSERT INTO ops.deployments (deployment_id, release_id, environment, deployed_at, deployed_by,
                                               source_ref, status, rollback_of, metadata, created_by)
                  VALUES ($1, $2, $3::ops.ops_environment, $4, $5, $6, $7::ops.ops_deployment_status, $8, $9, $10)",
             )
             .bind(deployment_id)
-            .bind(envelope.release_id)
-            .bind(&event.environment)
-            .bind(fact_time("deployed_at", event.deployed_at, envelope)?)
-            .bind(&event.deployed_by)
-            .bind(source_ref)
-            .bind(&event.status)
-            .bind(rollback_of)
+            .bind(stored.release_id)
+            .bind(&stored.environment)
+            .bind(stored.deployed_at)
+            .bind(&stored.deployed_by)
+            .bind(&stored.source_ref)
+            .bind(&stored.status)
+            .bind(stored.rollback_of)
             .bind(Value::Object(event.metadata.clone()))
             .bind(&envelope.source_system)
             .execute(&mut *conn)
             .await
             .db("insert the deployment")?;
+            stored
         }
         Some(current) if current.status != event.status => {
-            sqlx::query(
+            let advanced = sqlx::query(
                 "UPDATE ops.deployments
                  SET status = $2::ops.ops_deployment_status, metadata = metadata || $3
-                 WHERE deployment_id = $1",
+                 WHERE deployment_id = $1 AND status = $4::ops.ops_deployment_status",
             )
             .bind(deployment_id)
             .bind(&event.status)
             .bind(Value::Object(event.metadata.clone()))
+            .bind(&current.status)
             .execute(&mut *conn)
             .await
             .db("advance the deployment")?;
+            if advanced.rows_affected() != 1 {
+                return Err(super::vanished(&format!(
+                    "the status of deployment {deployment_id}"
+                )));
+            }
+            Deployment {
+                status: event.status.clone(),
+                ..current
+            }
         }
-        Some(_) => {}
-    }
+        Some(current) => current,
+    };
 
-    let stored =
-        read_deployment(conn, deployment_id, false)
-            .await?
-            .ok_or(HandlerError::UnknownReference {
-                kind: "deployment",
-                id: deployment_id,
-            })?;
     let event_type = if rollback_of.is_some() {
         "rollback_trigger"
     } else {
@@ -316,11 +331,17 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
             _ => "rollback_trigger",
         }
     };
-    let event_id: Uuid = sqlx::query_scalar(
-        "INSERT INTO ops.environment_events (environment, event_type, source_system, release_id, deployment_id,
-                                             payload, idempotency_key, created_by)
-         VALUES ($1::ops.ops_environment, $2, $3, $4, $5, $6, $7, $3)
-         RETURNING event_id",
+    // The environment event, and the G4 and release status derived from the
+    // deployment's write (by the statement before this one), in one round trip.
+    let (event_id, g4_status, release_status): (Uuid, String, String) = sqlx::query_as(
+        "WITH event AS (
+             INSERT INTO ops.environment_events (environment, event_type, source_system, release_id,
+                                                 deployment_id, payload, idempotency_key, created_by)
+             VALUES ($1::ops.ops_environment, $2, $3, $4, $5, $6, $7, $3)
+             RETURNING event_id)
+         SELECT event.event_id, d.g4_status::text, r.status::text
+         FROM event, ops.deployments d JOIN ops.releases r ON r.release_id = d.release_id
+         WHERE d.deployment_id = $5",
     )
     .bind(&stored.environment)
     .bind(event_type)
@@ -339,9 +360,10 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
         "metadata": event.metadata,
     }))
     .bind(&envelope.idempotency_key)
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await
-    .db("insert the deployment's environment event")?;
+    .db("insert the deployment's environment event")?
+    .ok_or_else(|| super::vanished(&format!("deployment {deployment_id}")))?;
 
     let policy_violation = !eligible;
     if policy_violation {
@@ -371,8 +393,8 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
         "status": stored.status,
         "previous_status": previous_status,
         "rollback_of": stored.rollback_of,
-        "g4_status": stored.g4_status,
-        "release_status": stored.release_status,
+        "g4_status": g4_status,
+        "release_status": release_status,
         "event_id": event_id,
         "policy_violation": policy_violation,
         "blockers": blockers,
