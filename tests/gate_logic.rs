@@ -103,6 +103,44 @@ async fn g3_bypassed_by_an_active_exception_is_eligible_and_not_once_it_expired(
     assert_eq!(seed::gate_status(&db.pool, r, "G3").await, "pending");
 }
 
+/// Eligibility trusts a stored `passed` only while a policy change would
+/// re-derive it: a promoted release keeps its gates as decided, so a new
+/// promotion of it is judged by evaluating them under the policy of now.
+#[tokio::test]
+async fn a_promoted_release_is_judged_by_the_policy_of_now_for_another_promotion() {
+    let db = TestDb::new().await;
+    let promoted = release(&db).await;
+    let current = release(&db).await;
+    for r in [promoted, current] {
+        seed::pass_g1_g2(&db.pool, r).await;
+        seed::pass_g3(&db.pool, r).await;
+        staging_deploy(&db, r).await;
+        assert!(seed::eligible(&db.pool, r, "production", None).await);
+    }
+    seed::deployment(&db.pool, promoted, "production", "succeeded", SHA, at(20)).await;
+
+    sqlx::query(
+        "UPDATE ops.gate_policies SET evidence_all_of = evidence_all_of || 'uat_summary'::ops.ops_artifact_type
+         WHERE gate_code = 'G3' AND environment = 'production'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    // Stored as decided, but not eligible again under the new policy.
+    assert_eq!(seed::gate_status(&db.pool, promoted, "G3").await, "passed");
+    // Re-derived by the policy change.
+    assert_eq!(seed::gate_status(&db.pool, current, "G3").await, "in_progress");
+    for r in [promoted, current] {
+        let blockers = seed::blockers(&db.pool, r, "production").await;
+        assert_eq!(blockers.len(), 1, "{blockers:?}");
+        assert!(
+            blockers[0].contains("missing evidence: uat_summary"),
+            "{blockers:?}"
+        );
+    }
+}
+
 // --- Order independence -----------------------------------------------------
 
 #[derive(Debug, Clone, Copy)]
