@@ -158,18 +158,12 @@ BEGIN
                 JOIN ops.gate_policies p ON p.environment = r.environment_target
                 WHERE p.requires_gates && gates
                   AND p.separation_of_duties AND cardinality(p.approver_roles) > 0);
-        ELSE
-            -- (Separate branches: a record field is resolved when its expression runs.)
-            deployments := ARRAY(
-                SELECT DISTINCT id
-                FROM unnest(ARRAY[CASE WHEN TG_OP <> 'DELETE' THEN NEW.deployment_id END,
-                                  CASE WHEN TG_OP <> 'INSERT' THEN OLD.deployment_id END]) AS id
-                WHERE id IS NOT NULL);
         END IF;
     ELSE
         affected := ARRAY[
             CASE WHEN TG_OP <> 'DELETE' THEN NEW.release_id END,
             CASE WHEN TG_OP <> 'INSERT' THEN OLD.release_id END];
+        -- (Separate branches: a record field is resolved when its expression runs.)
         IF TG_TABLE_NAME = 'exceptions' AND TG_OP = 'INSERT' THEN
             gates := NEW.impacted_gates;
         ELSIF TG_TABLE_NAME = 'exceptions' AND TG_OP = 'UPDATE' THEN
@@ -190,12 +184,15 @@ BEGIN
                                     CASE WHEN TG_OP <> 'INSERT' THEN OLD.gate_id END));
         ELSE
             gates := '{G4}';
-            deployments := ARRAY(
-                SELECT DISTINCT id
-                FROM unnest(ARRAY[CASE WHEN TG_OP <> 'DELETE' THEN NEW.deployment_id END,
-                                  CASE WHEN TG_OP <> 'INSERT' THEN OLD.deployment_id END]) AS id
-                WHERE id IS NOT NULL);
         END IF;
+    END IF;
+    -- The G4 of a deployment reads the deployment and its health checks.
+    IF TG_TABLE_NAME IN ('gate_checks', 'deployments') THEN
+        deployments := ARRAY(
+            SELECT DISTINCT id
+            FROM unnest(ARRAY[CASE WHEN TG_OP <> 'DELETE' THEN NEW.deployment_id END,
+                              CASE WHEN TG_OP <> 'INSERT' THEN OLD.deployment_id END]) AS id
+            WHERE id IS NOT NULL);
     END IF;
     PERFORM ops.refresh_release(id, statement_timestamp(), coalesce(gates, '{}'), deployments)
     FROM (SELECT DISTINCT id FROM unnest(affected) AS id WHERE id IS NOT NULL) ids;
