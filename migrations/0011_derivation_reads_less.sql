@@ -68,8 +68,10 @@ BEGIN
         ELSIF code = 'G4' THEN
             UPDATE ops.deployments d
             SET g4_status = e.g4_status, g4_resolved_at = e.g4_resolved_at
-            FROM unnest(p_deployments) AS s(deployment_id) CROSS JOIN LATERAL ops.derive_g4(s.deployment_id, p_now) e
-            WHERE d.deployment_id = s.deployment_id AND d.release_id = p_release_id
+            FROM ops.deployments s CROSS JOIN LATERAL ops.derive_g4(s.deployment_id, p_now) e
+            -- Of the deployments named, those that still exist (a deleted one has no G4).
+            WHERE s.deployment_id = ANY (p_deployments) AND s.release_id = p_release_id
+              AND d.deployment_id = s.deployment_id
               AND (d.g4_status, d.g4_resolved_at) IS DISTINCT FROM (e.g4_status, e.g4_resolved_at);
         END IF;
 

@@ -141,6 +141,32 @@ async fn a_promoted_release_is_judged_by_the_policy_of_now_for_another_promotion
     }
 }
 
+/// A deployment's facts re-derive the G4 of the deployments they name; a
+/// deleted one is named too, and has nothing left to derive.
+#[tokio::test]
+async fn deleting_a_deployment_re_derives_the_release_without_it() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    let staging = seed::deployment(&db.pool, r, "staging", "succeeded", SHA, at(10)).await;
+    let production = seed::deployment(&db.pool, r, "production", "succeeded", SHA, at(20)).await;
+    seed::health_check(&db.pool, r, production, "pass", at(21)).await;
+    assert_eq!(seed::gate_status(&db.pool, r, "G4").await, "passed");
+
+    sqlx::query("DELETE FROM ops.deployments WHERE deployment_id = $1")
+        .bind(staging)
+        .execute(&db.pool)
+        .await
+        .expect("delete a deployment nothing refers to");
+    let g4: String =
+        sqlx::query_scalar("SELECT g4_status::text FROM ops.deployments WHERE deployment_id = $1")
+            .bind(production)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(g4, "passed");
+    assert_eq!(seed::gate_status(&db.pool, r, "G4").await, "passed");
+}
+
 // --- Order independence -----------------------------------------------------
 
 #[derive(Debug, Clone, Copy)]
