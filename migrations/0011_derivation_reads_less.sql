@@ -59,18 +59,14 @@ BEGIN
     FOREACH code IN ARRAY enum_range(NULL::ops.ops_gate_code) LOOP
         CONTINUE WHEN NOT (code = ANY (todo));
 
-        IF code = 'G4' AND p_deployments IS NULL THEN
+        IF code = 'G4' THEN
+            -- Of the deployments named, those that still exist (a deleted one
+            -- has no G4); the release's few deployments are read by release.
             UPDATE ops.deployments d
             SET g4_status = e.g4_status, g4_resolved_at = e.g4_resolved_at
             FROM ops.deployments s CROSS JOIN LATERAL ops.derive_g4(s.deployment_id, p_now) e
-            WHERE s.release_id = p_release_id AND d.deployment_id = s.deployment_id
-              AND (d.g4_status, d.g4_resolved_at) IS DISTINCT FROM (e.g4_status, e.g4_resolved_at);
-        ELSIF code = 'G4' THEN
-            UPDATE ops.deployments d
-            SET g4_status = e.g4_status, g4_resolved_at = e.g4_resolved_at
-            FROM ops.deployments s CROSS JOIN LATERAL ops.derive_g4(s.deployment_id, p_now) e
-            -- Of the deployments named, those that still exist (a deleted one has no G4).
-            WHERE s.deployment_id = ANY (p_deployments) AND s.release_id = p_release_id
+            WHERE s.release_id = p_release_id
+              AND (p_deployments IS NULL OR s.deployment_id = ANY (p_deployments))
               AND d.deployment_id = s.deployment_id
               AND (d.g4_status, d.g4_resolved_at) IS DISTINCT FROM (e.g4_status, e.g4_resolved_at);
         END IF;
