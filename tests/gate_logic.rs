@@ -167,6 +167,42 @@ async fn deleting_a_deployment_re_derives_the_release_without_it() {
     assert_eq!(seed::gate_status(&db.pool, r, "G4").await, "passed");
 }
 
+/// Evidence attached to a gate is a fact of that gate even when its policy
+/// asks for no evidence of that type: the gate is re-derived, and leaves
+/// pending; and evidence a policy asks for re-derives the gates that ask.
+#[tokio::test]
+async fn evidence_re_derives_the_gate_it_is_attached_to_and_the_gates_that_ask_for_it() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    sqlx::query(
+        "INSERT INTO ops.evidence_artifacts (release_id, gate_id, artifact_type, source_system, artifact_url, created_by)
+         SELECT $1, gate_id, 'build_log', 'ci', 'https://ci.example/build/1', 'ci-bot'
+         FROM ops.release_gates WHERE release_id = $1 AND gate_code = 'G1'",
+    )
+    .bind(r)
+    .execute(&db.pool)
+    .await
+    .expect("attach a build log to G1");
+    let statuses = seed::gate_statuses(&db.pool, r).await;
+    assert_eq!(statuses[0], ("G1".into(), "in_progress".into()), "{statuses:?}");
+    assert_eq!(statuses[1], ("G2".into(), "pending".into()), "{statuses:?}");
+
+    // Not attached to a gate: G2's policy asks for one of these, so G2's
+    // explanation now counts it (G2 stays pending until a fact of its own).
+    let g2_evidence = || {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT (req ->> 'met')::boolean
+             FROM ops.release_gates, jsonb_array_elements(explanation -> 'requirements') req
+             WHERE release_id = $1 AND gate_code = 'G2' AND req ->> 'requirement' = 'evidence:any'",
+        )
+        .bind(r)
+        .fetch_optional(&db.pool)
+    };
+    assert_ne!(g2_evidence().await.unwrap(), Some(true));
+    seed::evidence(&db.pool, r, "test_result").await;
+    assert_eq!(g2_evidence().await.unwrap(), Some(true));
+}
+
 // --- Order independence -----------------------------------------------------
 
 #[derive(Debug, Clone, Copy)]
