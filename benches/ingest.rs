@@ -299,6 +299,42 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
+/// The whole machine's CPU time so far, from the first line of /proc/stat:
+/// (busy, idle, stolen) in ticks. Stolen is time the hypervisor gave our
+/// virtual CPUs to someone else; on a shared machine it tells a slow run
+/// from a slow change.
+fn machine_ticks() -> (u64, u64, u64) {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return (0, 0, 0);
+    };
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal
+    let busy = field(0) + field(1) + field(2) + field(5) + field(6);
+    (busy, field(3) + field(4), field(7))
+}
+
+/// "busy 93%, idle 5%, stolen 2%" of all the machine's CPUs between two readings.
+fn machine_share(before: (u64, u64, u64), after: (u64, u64, u64)) -> String {
+    let busy = after.0.saturating_sub(before.0) as f64;
+    let idle = after.1.saturating_sub(before.1) as f64;
+    let stolen = after.2.saturating_sub(before.2) as f64;
+    let total = (busy + idle + stolen).max(1.0);
+    format!(
+        "busy {:.0}%, idle {:.0}%, stolen by the hypervisor {:.0}%",
+        busy * 100.0 / total,
+        idle * 100.0 / total,
+        stolen * 100.0 / total
+    )
+}
+
 /// The processes whose command line contains `needle`.
 fn pids_matching(needle: &str) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -320,6 +356,7 @@ struct CpuSnapshot {
     worker: f64,
     postgres: HashMap<u32, f64>,
     rabbitmq: f64,
+    machine: (u64, u64, u64),
 }
 
 async fn cpu_snapshot(pool: &sqlx::PgPool, worker: u32) -> CpuSnapshot {
@@ -336,6 +373,7 @@ async fn cpu_snapshot(pool: &sqlx::PgPool, worker: u32) -> CpuSnapshot {
             .map(|pid| (pid, cpu_secs(pid)))
             .collect(),
         rabbitmq: pids_matching("rabbit").into_iter().map(cpu_secs).sum(),
+        machine: machine_ticks(),
     }
 }
 
@@ -530,6 +568,10 @@ async fn main() {
         per_message(rabbitmq),
         per_message(postgres + worker_cpu + rabbitmq)
     );
+    println!(
+        "    machine CPU over the drain: {}",
+        machine_share(cpu_before.machine, cpu_after.machine)
+    );
     println!("    worker RSS: peak {:.1} MiB", peak as f64 / 1024.0);
     for quarter in [0.25, 0.5, 0.75, 1.0] {
         let target = (bodies.len() as f64 * quarter) as i64;
@@ -596,6 +638,7 @@ async fn main() {
     };
     let offered = (args.rate * args.seconds) as usize;
     let paced = workload(offered);
+    let machine_before = machine_ticks();
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -620,6 +663,7 @@ async fn main() {
             .expect("publish");
     }
     let offer_secs = phase_started.elapsed().as_secs_f64();
+    let machine_after = machine_ticks();
     let deadline = Instant::now() + Duration::from_secs(30);
     while latencies.lock().map(|l| l.len()).unwrap_or(0) < offered && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -633,6 +677,10 @@ async fn main() {
         offered, args.rate
     );
     println!("    replies received: {}", sorted.len());
+    println!(
+        "    machine CPU while offering: {}",
+        machine_share(machine_before, machine_after)
+    );
     println!(
         "    publish -> commit -> reply latency: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         percentile(&sorted, 0.50),
