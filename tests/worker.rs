@@ -786,3 +786,72 @@ async fn a_batch_is_put_together_when_a_transaction_slot_frees_up() {
     worker.stop().await;
     producer.finish().await;
 }
+
+#[tokio::test]
+async fn a_delivery_of_a_release_in_another_batch_waits_without_taking_a_transaction_slot() {
+    let db = TestDb::new().await;
+    let settings = settings_for(
+        &db,
+        &[
+            ("OPSGATE__WORKER__MAX_TRANSACTIONS", "2"),
+            ("OPSGATE__WORKER__BATCH_SIZE", "1"),
+        ],
+    );
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+    let blocked = fresh_release();
+    producer.publish(&release_created(blocked, "blocked")).await;
+    wait_for_count(&db.pool, "SELECT count(*) FROM ops.releases", 1, SECS_10).await;
+
+    // The first check of the release takes a transaction slot and waits
+    // there for the release lock, held here as another worker would.
+    let mut holder = db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1::text, 0))")
+        .bind(blocked)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    for name in ["first", "second"] {
+        producer
+            .publish(&envelope(
+                "check_result",
+                blocked,
+                Some("G1"),
+                json!({"check_name": name, "status": "pass"}),
+            ))
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The second check waits for the first without taking the other slot,
+    // which serves the other releases meanwhile.
+    for n in 0..3 {
+        producer
+            .publish(&release_created(fresh_release(), &format!("v{n}")))
+            .await;
+    }
+    let others = wait_for_count(&db.pool, "SELECT count(*) FROM ops.releases", 4, SECS_10).await;
+    assert_eq!(
+        others, 4,
+        "the other releases are applied while the blocked one waits"
+    );
+
+    sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1::text, 0))")
+        .bind(blocked)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let done = wait_for_count(&db.pool, "SELECT count(*) FROM ops.gate_checks", 2, SECS_10).await;
+    assert_eq!(done, 2);
+    // In the order they were published.
+    let order: Vec<String> = sqlx::query_scalar(
+        "SELECT c.check_name FROM ops.gate_checks c JOIN ops.event_ingest_log l
+             ON l.result ->> 'check_id' = c.check_id::text
+         ORDER BY l.received_at",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(order, ["first", "second"]);
+    worker.stop().await;
+    producer.finish().await;
+}

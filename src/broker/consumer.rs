@@ -5,6 +5,7 @@
 //! published with a confirm before the original is acked, so nothing is lost
 //! between the two.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,9 +17,10 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection};
 use sqlx::PgPool;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use super::{BrokerError, Publisher, Topology};
 use crate::ingest::{self, IngestOptions, Next, Outcome};
@@ -110,6 +112,10 @@ pub async fn consume(
     // one-message transactions at once.
     let transactions = Arc::new(Semaphore::new(context.max_transactions));
     let mut tasks = JoinSet::new();
+    // Deliveries received while their release was in another batch's
+    // transaction, in arrival order, each with its in-flight slot.
+    let mut held: VecDeque<Received> = VecDeque::new();
+    let busy = BusyReleases::default();
     let end = loop {
         while let Some(finished) = tasks.try_join_next() {
             report_panic(finished);
@@ -122,56 +128,73 @@ pub async fn consume(
                 Err(_) => break SessionEnd::Cancelled,
             },
         };
-        let mut permit = tokio::select! {
-            () = cancel.cancelled() => break SessionEnd::Cancelled,
-            () = publisher_lost.cancelled() => break publishing_channel_closed(),
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break SessionEnd::Cancelled,
-            },
-        };
-        let next = tokio::select! {
-            () = cancel.cancelled() => break SessionEnd::Cancelled,
-            () = publisher_lost.cancelled() => break publishing_channel_closed(),
-            next = consumer.next() => next,
-        };
-        let first = match next {
-            Some(Ok(delivery)) => delivery,
-            Some(Err(error)) => break SessionEnd::Lost(error.to_string()),
-            None => break SessionEnd::Lost("the consumer was cancelled by the broker".to_owned()),
-        };
+        let mut batch = Batch::default();
+        take_free_held(&mut held, &busy, &mut batch, context.batch_size);
+        // Wait for the first delivery that can start, or for a release
+        // to come free when one was held for it.
+        let mut lost = None;
+        while batch.is_empty() {
+            let received = tokio::select! {
+                () = cancel.cancelled() => break,
+                () = publisher_lost.cancelled() => break,
+                () = busy.freed.notified(), if !held.is_empty() => {
+                    take_free_held(&mut held, &busy, &mut batch, context.batch_size);
+                    continue;
+                }
+                received = next_delivery(&slots, &mut consumer) => received,
+            };
+            match received {
+                Ok(received) => admit(received, &mut held, &busy, &mut batch),
+                Err(reason) => {
+                    lost = Some(reason);
+                    break;
+                }
+            }
+        }
+        if batch.is_empty() {
+            if let Some(reason) = lost {
+                break SessionEnd::Lost(reason);
+            }
+            if publisher_lost.is_cancelled() && !cancel.is_cancelled() {
+                break publishing_channel_closed();
+            }
+            break SessionEnd::Cancelled;
+        }
         // Whatever else has already arrived joins the batch, without waiting
         // for more: a quiet queue still gets one-message batches at once.
-        let mut batch = vec![first];
-        let mut lost = None;
-        while batch.len() < context.batch_size {
-            let Ok(more) = slots.clone().try_acquire_owned() else {
+        while lost.is_none() && batch.len() < context.batch_size {
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
                 break;
             };
             match consumer.next().now_or_never() {
                 Some(Some(Ok(delivery))) => {
-                    permit.merge(more);
-                    batch.push(delivery);
+                    admit(Received::new(delivery, slot), &mut held, &busy, &mut batch)
                 }
-                Some(Some(Err(error))) => {
-                    lost = Some(error.to_string());
-                    break;
-                }
-                Some(None) => {
-                    lost = Some("the consumer was cancelled by the broker".to_owned());
-                    break;
-                }
+                Some(Some(Err(error))) => lost = Some(error.to_string()),
+                Some(None) => lost = Some("the consumer was cancelled by the broker".to_owned()),
                 None => break,
             }
         }
+        let Batch {
+            deliveries,
+            releases,
+            slots: permit,
+        } = batch;
+        busy.mark(&releases);
         let context = context.clone();
         let publisher = publisher.clone();
         let cancel_batch = cancel.clone();
         let publisher_lost = publisher_lost.clone();
+        let busy = busy.clone();
         tasks.spawn(async move {
+            let in_database = InDatabase {
+                _transaction: transaction,
+                busy,
+                releases,
+            };
             handle(
-                batch,
-                transaction,
+                deliveries,
+                in_database,
                 &context,
                 &publisher,
                 &cancel_batch,
@@ -224,12 +247,165 @@ fn report_panic(finished: Result<(), tokio::task::JoinError>) {
     }
 }
 
+/// A delivery and its in-flight slot, with the release its envelope names
+/// (read ahead of the batch, so that it can wait for its release).
+struct Received {
+    delivery: lapin::message::Delivery,
+    slot: OwnedSemaphorePermit,
+    release: Option<Uuid>,
+}
+
+impl Received {
+    fn new(delivery: lapin::message::Delivery, slot: OwnedSemaphorePermit) -> Self {
+        let release = release_named_in(&delivery.data);
+        Self {
+            delivery,
+            slot,
+            release,
+        }
+    }
+}
+
+/// The `release_id` of an envelope, if the body is one; whatever else the
+/// body holds is read (and judged) by the ingest step.
+fn release_named_in(body: &[u8]) -> Option<Uuid> {
+    #[derive(serde::Deserialize)]
+    struct ReleaseOnly {
+        release_id: Option<Uuid>,
+    }
+    serde_json::from_slice::<ReleaseOnly>(body).ok()?.release_id
+}
+
+/// Waits for an in-flight slot, then for the next delivery.
+async fn next_delivery(slots: &Arc<Semaphore>, consumer: &mut lapin::Consumer) -> Result<Received, String> {
+    let slot = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| "the in-flight slots were closed".to_owned())?;
+    match consumer.next().await {
+        Some(Ok(delivery)) => Ok(Received::new(delivery, slot)),
+        Some(Err(error)) => Err(error.to_string()),
+        None => Err("the consumer was cancelled by the broker".to_owned()),
+    }
+}
+
+/// The deliveries of the batch being put together, their releases and
+/// their in-flight slots.
+#[derive(Default)]
+struct Batch {
+    deliveries: Vec<lapin::message::Delivery>,
+    releases: Vec<Uuid>,
+    slots: Option<OwnedSemaphorePermit>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.deliveries.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.deliveries.len()
+    }
+
+    fn push(&mut self, received: Received) {
+        self.deliveries.push(received.delivery);
+        if let Some(release) = received.release
+            && !self.releases.contains(&release)
+        {
+            self.releases.push(release);
+        }
+        match &mut self.slots {
+            Some(slots) => slots.merge(received.slot),
+            None => self.slots = Some(received.slot),
+        }
+    }
+}
+
+/// Releases whose batch is in the database. A delivery of one of them is
+/// held back rather than put in another batch, which would only wait for
+/// the release's lock while it kept a transaction slot and the locks of its
+/// other releases; it goes, in its order, once the release is free.
+#[derive(Clone, Default)]
+struct BusyReleases {
+    releases: Arc<std::sync::Mutex<HashSet<Uuid>>>,
+    freed: Arc<Notify>,
+}
+
+impl BusyReleases {
+    fn is_busy(&self, release: &Uuid) -> bool {
+        self.releases
+            .lock()
+            .map(|busy| busy.contains(release))
+            .unwrap_or(false)
+    }
+
+    fn mark(&self, releases: &[Uuid]) {
+        if let Ok(mut busy) = self.releases.lock() {
+            busy.extend(releases.iter().copied());
+        }
+    }
+
+    fn free(&self, releases: &[Uuid]) {
+        if let Ok(mut busy) = self.releases.lock() {
+            for release in releases {
+                busy.remove(release);
+            }
+        }
+        self.freed.notify_one();
+    }
+}
+
+/// A new delivery joins the batch unless its release is busy or has a
+/// delivery held already (which must go first).
+fn admit(received: Received, held: &mut VecDeque<Received>, busy: &BusyReleases, batch: &mut Batch) {
+    let waits = received.release.is_some_and(|release| {
+        busy.is_busy(&release) || held.iter().any(|other| other.release == Some(release))
+    });
+    if waits {
+        held.push_back(received);
+    } else {
+        batch.push(received);
+    }
+}
+
+/// Moves the held deliveries whose release is free into the batch, oldest
+/// first, up to `batch_size`.
+fn take_free_held(held: &mut VecDeque<Received>, busy: &BusyReleases, batch: &mut Batch, batch_size: usize) {
+    let mut index = 0;
+    while index < held.len() && batch.len() < batch_size {
+        let free = held[index].release.is_none_or(|release| !busy.is_busy(&release));
+        if !free {
+            index += 1;
+        } else if let Some(received) = held.remove(index) {
+            batch.push(received);
+        }
+    }
+}
+
+/// A batch's hold on the database: its transaction slot and its releases,
+/// both given back together once the database is done with it.
+struct InDatabase {
+    /// Held for its drop: the slot goes back with the batch's releases.
+    _transaction: OwnedSemaphorePermit,
+    busy: BusyReleases,
+    releases: Vec<Uuid>,
+}
+
+impl Drop for InDatabase {
+    // Runs before the fields are dropped: the releases are free by the time
+    // the transaction slot goes back and the next batch is put together.
+    fn drop(&mut self) {
+        self.busy.free(&self.releases);
+    }
+}
+
 /// Processes a batch of deliveries to the end: outcomes (one transaction
 /// when they all succeed), replies, dispositions. The transaction slot is
 /// given back as soon as the database is done with the batch.
 async fn handle(
     deliveries: Vec<lapin::message::Delivery>,
-    transaction: tokio::sync::OwnedSemaphorePermit,
+    transaction: InDatabase,
     context: &ConsumerContext,
     publisher: &Publisher,
     cancel: &CancellationToken,
