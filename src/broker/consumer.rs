@@ -181,17 +181,18 @@ pub async fn consume(
             slots: permit,
         } = batch;
         busy.mark(&releases);
+        // Built before the task, so that its drop frees the releases even
+        // if the task never runs.
+        let in_database = InDatabase {
+            _transaction: transaction,
+            busy: busy.clone(),
+            releases,
+        };
         let context = context.clone();
         let publisher = publisher.clone();
         let cancel_batch = cancel.clone();
         let publisher_lost = publisher_lost.clone();
-        let busy = busy.clone();
         tasks.spawn(async move {
-            let in_database = InDatabase {
-                _transaction: transaction,
-                busy,
-                releases,
-            };
             handle(
                 deliveries,
                 in_database,
