@@ -715,6 +715,39 @@ async fn deliveries_already_queued_are_applied_in_batches_of_at_most_batch_size(
     producer.finish().await;
 }
 
+/// A producer, a running worker and one release it has applied.
+async fn start_with_a_release(
+    db: &TestDb,
+    settings: &opsgate::config::Settings,
+) -> (Producer, RunningWorker, Uuid) {
+    let producer = Producer::new(settings).await;
+    let worker = start_worker(settings);
+    let release = fresh_release();
+    producer.publish(&release_created(release, "blocked")).await;
+    wait_for_count(&db.pool, "SELECT count(*) FROM ops.releases", 1, SECS_10).await;
+    (producer, worker, release)
+}
+
+/// Takes the advisory lock the worker takes for a release, as another
+/// worker in the middle of a transaction would, until it is freed.
+async fn hold_release_lock(db: &TestDb, release: Uuid) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
+    let mut holder = db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1::text, 0))")
+        .bind(release)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
+
+async fn free_release_lock(mut holder: sqlx::pool::PoolConnection<sqlx::Postgres>, release: Uuid) {
+    sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1::text, 0))")
+        .bind(release)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_batch_is_put_together_when_a_transaction_slot_frees_up() {
     let db = TestDb::new().await;
@@ -725,20 +758,10 @@ async fn a_batch_is_put_together_when_a_transaction_slot_frees_up() {
             ("OPSGATE__WORKER__BATCH_SIZE", "8"),
         ],
     );
-    let producer = Producer::new(&settings).await;
-    let worker = start_worker(&settings);
-    let blocked = fresh_release();
-    producer.publish(&release_created(blocked, "blocked")).await;
-    wait_for_count(&db.pool, "SELECT count(*) FROM ops.releases", 1, SECS_10).await;
-
+    let (producer, worker, blocked) = start_with_a_release(&db, &settings).await;
     // Hold the release lock the worker takes, so that the only transaction
     // slot stays busy with the next event of that release.
-    let mut holder = db.pool.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1::text, 0))")
-        .bind(blocked)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_release_lock(&db, blocked).await;
     producer
         .publish(&envelope(
             "check_result",
@@ -760,11 +783,7 @@ async fn a_batch_is_put_together_when_a_transaction_slot_frees_up() {
         "nothing else starts while the one transaction slot is busy"
     );
 
-    sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1::text, 0))")
-        .bind(blocked)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    free_release_lock(holder, blocked).await;
     let done = wait_for_count(
         &db.pool,
         "SELECT count(*) FROM ops.event_ingest_log WHERE processing_status = 'accepted'",
@@ -797,20 +816,10 @@ async fn a_delivery_of_a_release_in_another_batch_waits_without_taking_a_transac
             ("OPSGATE__WORKER__BATCH_SIZE", "1"),
         ],
     );
-    let producer = Producer::new(&settings).await;
-    let worker = start_worker(&settings);
-    let blocked = fresh_release();
-    producer.publish(&release_created(blocked, "blocked")).await;
-    wait_for_count(&db.pool, "SELECT count(*) FROM ops.releases", 1, SECS_10).await;
-
+    let (producer, worker, blocked) = start_with_a_release(&db, &settings).await;
     // The first check of the release takes a transaction slot and waits
     // there for the release lock, held here as another worker would.
-    let mut holder = db.pool.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1::text, 0))")
-        .bind(blocked)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_release_lock(&db, blocked).await;
     for name in ["first", "second"] {
         producer
             .publish(&envelope(
@@ -835,11 +844,7 @@ async fn a_delivery_of_a_release_in_another_batch_waits_without_taking_a_transac
         "the other releases are applied while the blocked one waits"
     );
 
-    sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1::text, 0))")
-        .bind(blocked)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    free_release_lock(holder, blocked).await;
     let done = wait_for_count(&db.pool, "SELECT count(*) FROM ops.gate_checks", 2, SECS_10).await;
     assert_eq!(done, 2);
     // In the order they were published.
