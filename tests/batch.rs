@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::TestDb;
 use common::worker::*;
+use common::{TestDb, free_release_lock, hold_release_lock};
 use opsgate::ingest::{self, Attempt, IngestOptions, Next, Outcome, Status};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -327,12 +327,7 @@ async fn a_release_lock_that_times_out_is_retried_and_leaves_the_connection_usab
     let outcomes = process(&pool, &bodies(std::slice::from_ref(&created))).await;
     assert_eq!(outcomes[0].status, Status::Accepted);
 
-    let mut holder = db.pool.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1::text, 0))")
-        .bind(release)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_release_lock(&db, release).await;
     let check = g1_check(release, "lint", "pass");
     let outcomes = process(&pool, &bodies(std::slice::from_ref(&check))).await;
     assert_eq!(
@@ -344,11 +339,7 @@ async fn a_release_lock_that_times_out_is_retried_and_leaves_the_connection_usab
         outcomes[0].error.as_deref().unwrap_or("").contains("lock"),
         "{outcomes:?}"
     );
-    sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1::text, 0))")
-        .bind(release)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    free_release_lock(holder, release).await;
 
     // The same (only) connection works for the next delivery.
     let outcomes = process(&pool, &bodies(std::slice::from_ref(&check))).await;

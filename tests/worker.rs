@@ -728,26 +728,6 @@ async fn start_with_a_release(
     (producer, worker, release)
 }
 
-/// Takes the advisory lock the worker takes for a release, as another
-/// worker in the middle of a transaction would, until it is freed.
-async fn hold_release_lock(db: &TestDb, release: Uuid) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
-    let mut holder = db.pool.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1::text, 0))")
-        .bind(release)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-    holder
-}
-
-async fn free_release_lock(mut holder: sqlx::pool::PoolConnection<sqlx::Postgres>, release: Uuid) {
-    sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1::text, 0))")
-        .bind(release)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn a_batch_is_put_together_when_a_transaction_slot_frees_up() {
     let db = TestDb::new().await;

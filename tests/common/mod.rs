@@ -127,5 +127,29 @@ pub const UNIQUE_VIOLATION: &str = "23505";
 pub const FOREIGN_KEY_VIOLATION: &str = "23503";
 pub const RESTRICT_VIOLATION: &str = "23001";
 pub const INVALID_TEXT_REPRESENTATION: &str = "22P02";
+
+/// Takes the advisory lock the worker takes for a release, as another
+/// worker in the middle of a transaction would, until it is freed.
+pub async fn hold_release_lock(
+    db: &TestDb,
+    release: uuid::Uuid,
+) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
+    let mut holder = db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1::text, 0))")
+        .bind(release)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
+
+pub async fn free_release_lock(mut holder: sqlx::pool::PoolConnection<sqlx::Postgres>, release: uuid::Uuid) {
+    sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1::text, 0))")
+        .bind(release)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+}
+
 pub mod seed;
 pub mod worker;
