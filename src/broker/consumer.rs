@@ -1,6 +1,8 @@
 //! The consume loop: a bounded number of messages in flight (a semaphore and
 //! a JoinSet), processed against PostgreSQL in batches of those already
-//! received, each answered when it asks for a reply, then retried,
+//! received (a message whose release is in a running batch waits for it, so
+//! a release's events apply in arrival order), each answered when it asks
+//! for a reply, then retried,
 //! dead-lettered or acked. A retry or dead letter is
 //! published with a confirm before the original is acked, so nothing is lost
 //! between the two.
