@@ -168,13 +168,12 @@ pub async fn consume(
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 break;
             };
-            match consumer.next().now_or_never() {
-                Some(Some(Ok(delivery))) => {
-                    admit(Received::new(delivery, slot), &mut held, &busy, &mut batch)
-                }
-                Some(Some(Err(error))) => lost = Some(error.to_string()),
-                Some(None) => lost = Some("the consumer was cancelled by the broker".to_owned()),
-                None => break,
+            let Some(next) = consumer.next().now_or_never() else {
+                break;
+            };
+            match received(next, slot) {
+                Ok(received) => admit(received, &mut held, &busy, &mut batch),
+                Err(reason) => lost = Some(reason),
             }
         }
         let Batch {
@@ -286,7 +285,15 @@ async fn next_delivery(slots: &Arc<Semaphore>, consumer: &mut lapin::Consumer) -
         .acquire_owned()
         .await
         .map_err(|_| "the in-flight slots were closed".to_owned())?;
-    match consumer.next().await {
+    received(consumer.next().await, slot)
+}
+
+/// What the consumer stream gave: a delivery, or why the session is lost.
+fn received(
+    next: Option<Result<lapin::message::Delivery, lapin::Error>>,
+    slot: OwnedSemaphorePermit,
+) -> Result<Received, String> {
+    match next {
         Some(Ok(delivery)) => Ok(Received::new(delivery, slot)),
         Some(Err(error)) => Err(error.to_string()),
         None => Err("the consumer was cancelled by the broker".to_owned()),
