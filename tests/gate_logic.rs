@@ -608,6 +608,89 @@ async fn the_g4_sweep_flags_deployments_past_their_sla_only() {
     assert_eq!(event_count(&db, "g4_overdue").await, 1);
 }
 
+/// Waits until a session of this database running `query_part` waits for a
+/// lock.
+async fn wait_until_blocked(db: &TestDb, query_part: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%'",
+        )
+        .bind(query_part)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{query_part} never waited for a lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_sweeps_and_a_worker_transaction_on_the_same_release_wait_for_each_other_without_deadlock() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    // Deployed five minutes ago; the sweeps run as of 31 minutes after (SLA 30).
+    let deployed = seed::now() - Duration::minutes(5);
+    let dep = seed::deployment(&db.pool, r, "production", "succeeded", SHA, deployed).await;
+    let sweep_at = deployed + Duration::minutes(31);
+
+    // A transaction of the worker: the release's lock first, then a fact of
+    // the release, whose derivation locks the release's row.
+    let mut worker = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
+        .bind(r)
+        .execute(&mut *worker)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO ops.gate_checks (gate_id, check_name, source_system, status, observed_at, created_by)
+         SELECT gate_id, 'unit', 'ci', 'pass', now(), 'ci' FROM ops.release_gates
+         WHERE release_id = $1 AND gate_code = 'G1'",
+    )
+    .bind(r)
+    .execute(&mut *worker)
+    .await
+    .unwrap();
+
+    // The sweeps start meanwhile, and find the deployment past its SLA.
+    let pool = db.pool.clone();
+    let sweeps = tokio::spawn(async move {
+        sqlx::query_scalar::<_, serde_json::Value>("SELECT ops.run_sweeps($1)")
+            .bind(sweep_at)
+            .fetch_one(&pool)
+            .await
+    });
+    wait_until_blocked(&db, "run_sweeps").await;
+
+    // The same transaction then records a passing health check of that
+    // deployment, within its SLA.
+    let health_check = sqlx::query(
+        "INSERT INTO ops.gate_checks (gate_id, check_name, source_system, status, deployment_id, observed_at, created_by)
+         SELECT gate_id, 'http_health', 'monitoring', 'pass', $2, now(), 'monitoring' FROM ops.release_gates
+         WHERE release_id = $1 AND gate_code = 'G4'",
+    )
+    .bind(r)
+    .bind(dep)
+    .execute(&mut *worker);
+    let recorded = tokio::time::timeout(std::time::Duration::from_secs(10), health_check)
+        .await
+        .expect("the health check is not stuck");
+    assert!(recorded.is_ok(), "the worker's transaction failed: {recorded:?}");
+    worker.commit().await.unwrap();
+
+    // The sweeps went on with what the transaction committed: G4 confirmed.
+    let report = sweeps.await.unwrap().expect("the sweeps did not fail");
+    assert_eq!(report["overdue_g4"], 0, "{report}");
+    assert_eq!(seed::gate_status(&db.pool, r, "G4").await, "passed");
+}
+
 #[tokio::test]
 async fn a_health_check_after_the_sla_does_not_confirm_g4() {
     let db = TestDb::new().await;
