@@ -14,7 +14,8 @@
 --
 -- Now the sweeps first take the lock of every release they will touch, in
 -- the worker's order, and work only on those releases; a release that
--- becomes due meanwhile waits for the next run. A sweep waits for a
+-- becomes due meanwhile waits for the next run, and so do releases past the
+-- first 200 due (ops.sweep_releases_per_run). A sweep waits for a
 -- transaction of the worker on the same release to end, or the other way
 -- round, never both. ops.run_sweeps takes the releases of both sweeps at
 -- once, since it runs them in one transaction.
@@ -36,22 +37,38 @@ BEGIN
 END
 $$;
 
+-- A run of a sweep acts on at most this many releases, those due first; the
+-- rest wait for the next run. Each release is one lock held to the end of
+-- the transaction, and PostgreSQL's lock table is shared and bounded
+-- (max_locks_per_transaction x max_connections): after a long outage a
+-- single run over thousands of releases could exhaust it, and fail on
+-- every try.
+CREATE FUNCTION ops.sweep_releases_per_run() RETURNS integer
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 200 $$;
+
 -- The releases ops.sweep_expired_exceptions acts on as of p_now: those with
 -- an exception past its expiry, and those with an exception whose window
 -- has opened on a gate it does not bypass yet.
 CREATE FUNCTION ops.releases_due_for_exception_sweep(p_now timestamptz) RETURNS uuid[]
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce(array_agg(DISTINCT due.release_id), '{}')
+    SELECT coalesce(array_agg(first.release_id), '{}')
     FROM (
-        SELECT x.release_id FROM ops.exceptions x
-        WHERE x.expired_at IS NULL AND x.expires_at <= p_now
-        UNION ALL
-        SELECT x.release_id
-        FROM ops.exceptions x
-        JOIN ops.release_gates g ON g.release_id = x.release_id AND g.gate_code = ANY (x.impacted_gates)
-        WHERE ops.exception_active(x, p_now) AND g.status NOT IN ('passed', 'bypassed')
-    ) due
+        SELECT due.release_id
+        FROM (
+            SELECT x.release_id, x.expires_at AS due_at FROM ops.exceptions x
+            WHERE x.expired_at IS NULL AND x.expires_at <= p_now
+            UNION ALL
+            SELECT x.release_id, x.effective_from
+            FROM ops.exceptions x
+            JOIN ops.release_gates g ON g.release_id = x.release_id AND g.gate_code = ANY (x.impacted_gates)
+            WHERE ops.exception_active(x, p_now) AND g.status NOT IN ('passed', 'bypassed')
+        ) due
+        GROUP BY due.release_id
+        ORDER BY min(due.due_at), due.release_id
+        LIMIT ops.sweep_releases_per_run()
+    ) first
 $$;
 
 -- The releases ops.sweep_overdue_g4 acts on as of p_now: those with a
@@ -59,11 +76,17 @@ $$;
 CREATE FUNCTION ops.releases_due_for_g4_sweep(p_now timestamptz) RETURNS uuid[]
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce(array_agg(DISTINCT dep.release_id), '{}')
-    FROM ops.deployments dep
-    JOIN ops.gate_policies p ON p.gate_code = 'G4' AND p.environment = dep.environment
-    WHERE dep.status IN ('succeeded', 'rolled_back') AND dep.g4_status = 'pending' AND dep.g4_overdue_at IS NULL
-      AND dep.deployed_at + make_interval(mins => p.sla_minutes) <= p_now
+    SELECT coalesce(array_agg(first.release_id), '{}')
+    FROM (
+        SELECT dep.release_id
+        FROM ops.deployments dep
+        JOIN ops.gate_policies p ON p.gate_code = 'G4' AND p.environment = dep.environment
+        WHERE dep.status IN ('succeeded', 'rolled_back') AND dep.g4_status = 'pending' AND dep.g4_overdue_at IS NULL
+          AND dep.deployed_at + make_interval(mins => p.sla_minutes) <= p_now
+        GROUP BY dep.release_id
+        ORDER BY min(dep.deployed_at + make_interval(mins => p.sla_minutes)), dep.release_id
+        LIMIT ops.sweep_releases_per_run()
+    ) first
 $$;
 
 CREATE OR REPLACE FUNCTION ops.sweep_expired_exceptions(p_now timestamptz DEFAULT now()) RETURNS integer
@@ -164,4 +187,4 @@ END
 $$;
 
 REVOKE EXECUTE ON FUNCTION ops.lock_releases(uuid[]), ops.releases_due_for_exception_sweep(timestamptz),
-    ops.releases_due_for_g4_sweep(timestamptz) FROM PUBLIC;
+    ops.releases_due_for_g4_sweep(timestamptz), ops.sweep_releases_per_run() FROM PUBLIC;

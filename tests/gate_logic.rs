@@ -692,6 +692,56 @@ async fn the_sweeps_and_a_worker_transaction_on_the_same_release_wait_for_each_o
 }
 
 #[tokio::test]
+async fn a_sweep_run_acts_on_the_200_releases_due_first_and_the_next_run_on_the_rest() {
+    let db = TestDb::new().await;
+    // 201 releases, each deployed to production a second apart, the last
+    // one first; all within the 30-minute SLA when deployed.
+    sqlx::query(
+        "INSERT INTO ops.releases (project, release_name, environment_target, source_ref, initiating_actor, created_by)
+         SELECT 'acme/many', 'v' || n, 'production', $1, 'dev-1', 'dev-1' FROM generate_series(0, 200) AS n",
+    )
+    .bind(SHA)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let deployed = seed::now() - Duration::minutes(5);
+    sqlx::query(
+        "INSERT INTO ops.deployments (release_id, environment, deployed_by, source_ref, status, deployed_at, created_by)
+         SELECT release_id, 'production', 'sre-1', source_ref, 'succeeded',
+                $1 - make_interval(secs => substr(release_name, 2)::int), 'sre-1'
+         FROM ops.releases WHERE project = 'acme/many'",
+    )
+    .bind(deployed)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let overdue_at = deployed + Duration::minutes(31);
+    let sweep = || async {
+        sqlx::query_scalar::<_, serde_json::Value>("SELECT ops.run_sweeps($1)")
+            .bind(overdue_at)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()["overdue_g4"]
+            .as_i64()
+            .unwrap()
+    };
+
+    assert_eq!(sweep().await, 200);
+    // The one left is the one deployed last, so due last.
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT r.release_name FROM ops.deployments d JOIN ops.releases r USING (release_id)
+         WHERE d.g4_overdue_at IS NULL ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, ["v0"]);
+    assert_eq!(sweep().await, 1);
+    assert_eq!(sweep().await, 0);
+    assert_eq!(event_count(&db, "g4_overdue").await, 201);
+}
+
+#[tokio::test]
 async fn a_health_check_after_the_sla_does_not_confirm_g4() {
     let db = TestDb::new().await;
     let r = release(&db).await;
