@@ -23,8 +23,8 @@
 -- CREATE OR REPLACE resets a function's attributes, so each one restates
 -- them (0003: the sweeps run with the owner's rights).
 
--- The worker's lock of each release (src/ingest.rs, begin_and_lock_sql):
--- the same key, the same order.
+-- The lock of each release, taken in ascending key order, for the worker's
+-- transactions (src/ingest.rs, begin_and_lock_sql) and for the sweeps.
 CREATE FUNCTION ops.lock_releases(p_release_ids uuid[]) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -188,3 +188,4 @@ $$;
 
 REVOKE EXECUTE ON FUNCTION ops.lock_releases(uuid[]), ops.releases_due_for_exception_sweep(timestamptz),
     ops.releases_due_for_g4_sweep(timestamptz), ops.sweep_releases_per_run() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ops.lock_releases(uuid[]) TO opsgate_worker;

@@ -454,6 +454,8 @@ async fn apply(
 /// number of workers: a transaction-scoped advisory lock on each release id.
 /// All of a transaction's locks are taken at its start and in one order, so
 /// two transactions never wait on each other's release locks in a cycle.
+/// `ops.lock_releases` takes them: the sweeps take the same locks, in the
+/// same order, through the same function (migration 0013).
 /// The locks travel with BEGIN in one simple-query message: one round trip.
 /// They come first, in the implicit transaction of that message, which BEGIN
 /// then takes into the transaction block (PostgreSQL's rule for a BEGIN
@@ -472,13 +474,7 @@ async fn begin_locked(
 /// the literal cannot carry anything but ids.
 fn begin_and_lock_sql(releases: &[Uuid]) -> String {
     let ids: Vec<String> = releases.iter().map(Uuid::to_string).collect();
-    format!(
-        "SELECT pg_advisory_xact_lock(key)
-         FROM (SELECT DISTINCT hashtextextended(id::text, 0) AS key FROM unnest('{{{}}}'::uuid[]) AS id
-               ORDER BY key) AS keys;
-         BEGIN",
-        ids.join(",")
-    )
+    format!("SELECT ops.lock_releases('{{{}}}'::uuid[]); BEGIN", ids.join(","))
 }
 
 async fn record(pool: &PgPool, failure: &FailedAttempt<'_>, writer: &str) -> Result<(), DatabaseUnavailable> {
