@@ -641,10 +641,11 @@ async fn the_sweeps_and_a_worker_transaction_on_the_same_release_wait_for_each_o
     let dep = seed::deployment(&db.pool, r, "production", "succeeded", SHA, deployed).await;
     let sweep_at = deployed + Duration::minutes(31);
 
-    // A transaction of the worker: the release's lock first, then a fact of
-    // the release, whose derivation locks the release's row.
+    // A transaction of the worker: the release's lock first, taken as the
+    // worker takes it, then a fact of the release, whose derivation locks
+    // the release's row.
     let mut worker = db.pool.begin().await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
+    sqlx::query("SELECT ops.lock_releases(ARRAY[$1]::uuid[])")
         .bind(r)
         .execute(&mut *worker)
         .await
