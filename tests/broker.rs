@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicRejectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use opsgate::broker::{self, PublishError, Publisher, Topology};
 use opsgate::config::{AmqpSettings, SecretUrl};
@@ -344,5 +344,61 @@ async fn names_past_255_bytes_are_an_error_not_a_panic() {
         matches!(error, PublishError::NameTooLong { len: 300, .. }),
         "{error}"
     );
+    harness.finish().await;
+}
+
+/// RabbitMQ 4 gives every quorum queue a delivery limit of 20 unless told
+/// otherwise, and the dead queue has nowhere to send what passes it: a dead
+/// letter read with "requeue" (the runbook's way) must stay however often.
+#[tokio::test]
+async fn the_dead_queue_keeps_a_dead_letter_however_often_it_is_read() {
+    let harness = Harness::new(vec![Duration::from_secs(1)], 3).await;
+    let dead_queue = harness.topology.dead_queue.clone();
+
+    // The limit is the queue's own argument: a redeclaration that states it
+    // is accepted (RabbitMQ refuses one whose x-delivery-limit differs).
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    arguments.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(broker::DEAD_QUEUE_DELIVERY_LIMIT),
+    );
+    let checker = harness.connection.create_channel().await.expect("channel");
+    checker
+        .queue_declare(
+            dead_queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .expect("the dead queue is declared with its own delivery limit");
+
+    harness
+        .publisher
+        .publish("", &dead_queue, b"evidence", BasicProperties::default(), true)
+        .await
+        .expect("publish a dead letter");
+    let started = Instant::now();
+    let mut reads = 0;
+    while reads < 25 {
+        if let Some(message) = harness.get(&dead_queue).await {
+            reads += 1;
+            assert_eq!(message.delivery.data, b"evidence");
+            message
+                .delivery
+                .reject(BasicRejectOptions { requeue: true })
+                .await
+                .expect("reject with requeue");
+        } else {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the dead letter is gone after {reads} reads"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     harness.finish().await;
 }

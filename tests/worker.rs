@@ -6,6 +6,7 @@ mod common;
 use common::seed;
 use common::worker::*;
 use common::*;
+use lapin::types::AMQPValue;
 use serde_json::{Value, json};
 use std::time::Duration;
 use uuid::Uuid;
@@ -837,6 +838,49 @@ async fn a_delivery_of_a_release_in_another_batch_waits_without_taking_a_transac
     .await
     .unwrap();
     assert_eq!(order, ["first", "second"]);
+    worker.stop().await;
+    producer.finish().await;
+}
+
+/// A retried or dead-lettered copy is a new message: it keeps the producer's
+/// headers, but not RabbitMQ's record of the original's trips, which would
+/// mislead whoever reads the dead letter (RabbitMQ 4 no longer updates an
+/// `x-death` a publisher sent).
+#[tokio::test]
+async fn copies_keep_the_producers_headers_but_not_the_brokers_bookkeeping() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]); // retries after 1 s and 1 s
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert("x-trace-id".into(), AMQPValue::LongString("trace-7".into()));
+    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(7));
+    headers.insert(
+        "x-first-death-queue".into(),
+        AMQPValue::LongString("elsewhere".into()),
+    );
+    let orphan = check_for(fresh_release());
+    producer
+        .publish_raw(
+            &serde_json::to_vec(&orphan).unwrap(),
+            "check_result",
+            lapin::BasicProperties::default().with_headers(headers),
+        )
+        .await;
+
+    // Two trips through the retry tiers, then the dead queue.
+    let (_, headers) = producer.next_dead_letter(SECS_20).await;
+    assert_eq!(header_i64(&headers, "x-opsgate-attempt"), Some(3));
+    assert_eq!(header_str(&headers, "x-trace-id").as_deref(), Some("trace-7"));
+    // (x-delivery-count is not checked: the dead queue sets its own on our get.)
+    let names: Vec<String> = headers.inner().keys().map(|name| name.to_string()).collect();
+    for bookkeeping in ["x-death", "x-first-death-queue", "x-last-death-queue"] {
+        assert!(
+            !names.iter().any(|name| name == bookkeeping),
+            "the dead letter carries {bookkeeping}: {names:?}"
+        );
+    }
     worker.stop().await;
     producer.finish().await;
 }

@@ -631,9 +631,18 @@ pub fn attempt_of(properties: &BasicProperties) -> u32 {
 
 /// The properties of a retried or dead-lettered copy: the producer's, with
 /// `edit`ed headers, minus `expiration` (the copy must not expire by the
-/// producer's TTL) and `user_id` (RabbitMQ checks it against our login).
+/// producer's TTL), `user_id` (RabbitMQ checks it against our login) and
+/// the broker's own bookkeeping of the original's trips (see
+/// [`is_broker_bookkeeping`]).
 fn with_headers(properties: &BasicProperties, edit: impl FnOnce(&mut FieldTable)) -> BasicProperties {
-    let mut headers = properties.headers().clone().unwrap_or_default();
+    let mut headers = FieldTable::default();
+    if let Some(original) = properties.headers() {
+        for (name, value) in original.inner() {
+            if !is_broker_bookkeeping(name.as_str()) {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+    }
     edit(&mut headers);
     let mut copy = BasicProperties::default().with_headers(headers);
     if let Some(value) = properties.content_type() {
@@ -667,6 +676,21 @@ fn with_headers(properties: &BasicProperties, edit: impl FnOnce(&mut FieldTable)
         copy = copy.with_app_id(value.clone());
     }
     copy
+}
+
+/// Headers in which RabbitMQ describes a message's own trips: its
+/// dead-letterings (`x-death`, `x-first-death-*`, `x-last-death-*`) and its
+/// deliveries by a quorum queue (`x-delivery-count`, `x-acquired-count`).
+/// A copy is a new message, so the original's would mislead whoever reads
+/// it: RabbitMQ 4 neither updates an `x-death` a publisher sent nor always
+/// overwrites a copied delivery count. `x-opsgate-attempt` counts the
+/// attempts instead.
+fn is_broker_bookkeeping(header: &str) -> bool {
+    header == "x-death"
+        || header.starts_with("x-first-death-")
+        || header.starts_with("x-last-death-")
+        || header == "x-delivery-count"
+        || header == "x-acquired-count"
 }
 
 fn long_string(text: &str) -> AMQPValue {

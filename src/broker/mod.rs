@@ -11,7 +11,7 @@ use std::time::Duration;
 
 pub use connection::{connect, connect_with_retry};
 pub use publisher::{PublishError, Publisher};
-pub use topology::Topology;
+pub use topology::{DEAD_QUEUE_DELIVERY_LIMIT, Topology};
 
 use crate::config::AmqpSettings;
 

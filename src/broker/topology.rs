@@ -18,6 +18,12 @@ use lapin::{Channel, ExchangeKind};
 
 use super::BrokerError;
 
+/// The dead queue's delivery limit: in effect none. RabbitMQ 4 gives every
+/// quorum queue a limit of 20 unless told otherwise, and the dead queue has
+/// nowhere to send what passes it, so a dead letter looked at 20 times with
+/// "requeue" (the runbook's way of reading them) would be dropped.
+pub const DEAD_QUEUE_DELIVERY_LIMIT: i64 = 1_000_000_000;
+
 /// The topology of one namespace. Declaring it is idempotent, so every
 /// process may declare it at start without coordination.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +96,12 @@ impl Topology {
         declare_queue(channel, &self.ingest_queue, ingest_args).await?;
         bind_queue(channel, &self.ingest_queue, &self.exchange, "#").await?;
 
-        declare_queue(channel, &self.dead_queue, quorum_args()).await?;
+        let mut dead_args = quorum_args();
+        dead_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DEAD_QUEUE_DELIVERY_LIMIT),
+        );
+        declare_queue(channel, &self.dead_queue, dead_args).await?;
         bind_queue(channel, &self.dead_queue, &self.dead_letter_exchange, "").await?;
 
         for (queue, delay) in self.retry_queues() {
