@@ -16,6 +16,9 @@ use crate::text::quoted;
 /// The only schema version this worker understands.
 pub const SCHEMA_VERSION: &str = "v1.0";
 
+/// Keys of opsgate's own records; producers may not use them.
+pub const RESERVED_KEY_PREFIX: &str = "opsgate/";
+
 /// Every event type and the handler family that takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -228,6 +231,20 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Envelope, Rejection> {
         return Err(reject(
             400,
             "idempotency_key is longer than 512 bytes".to_owned(),
+            partial,
+        ));
+    }
+    if idempotency_key.starts_with(RESERVED_KEY_PREFIX) {
+        // The worker and the sweeps key their own records (policy
+        // violations, expired exceptions, overdue G4) this way, and write
+        // each only if its key is free: a producer's event under such a key
+        // would suppress the real record.
+        return Err(reject(
+            400,
+            format!(
+                "idempotency_key {} starts with {RESERVED_KEY_PREFIX:?}, which is reserved for opsgate's own records",
+                quoted(&idempotency_key)
+            ),
             partial,
         ));
     }

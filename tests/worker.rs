@@ -884,3 +884,40 @@ async fn copies_keep_the_producers_headers_but_not_the_brokers_bookkeeping() {
     worker.stop().await;
     producer.finish().await;
 }
+
+/// The worker and the sweeps write their own environment events (policy
+/// violations, expired exceptions, overdue G4) under `opsgate/…` keys, each
+/// only if its key is free: a producer's event under such a key would
+/// suppress the real record, so it is refused.
+#[tokio::test]
+async fn a_key_in_opsgates_own_namespace_is_rejected_with_400() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+
+    let release = fresh_release();
+    let (created, _) = producer.request(&release_created(release, "v1")).await;
+    assert_eq!(created["status"], "accepted");
+    let mut forged = envelope(
+        "environment_event",
+        release,
+        None,
+        json!({"environment": "production", "event_type": "config_change"}),
+    );
+    forged["idempotency_key"] = json!(format!("opsgate/policy_violation/{}", Uuid::new_v4()));
+    let (reply, _) = producer.request(&forged).await;
+    assert_eq!(reply["status"], "rejected", "{reply}");
+    assert_eq!(reply["code"], 400);
+    assert!(reply["error"].as_str().unwrap().contains("reserved"), "{reply}");
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.environment_events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        events, 0,
+        "no environment event was written under the reserved key"
+    );
+    worker.stop().await;
+    producer.finish().await;
+}
