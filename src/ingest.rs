@@ -86,8 +86,12 @@ pub fn classify(error: &sqlx::Error) -> Fault {
         c if c.starts_with("53") => Fault::Transient,
         // Unique and foreign-key violations: the event conflicts with the state.
         "23505" | "23503" => Fault::Permanent(409),
-        // Other integrity rules, bad values, rules raised by our triggers.
-        c if c.starts_with("23") || c.starts_with("22") || c == "P0001" => Fault::Permanent(422),
+        // Other integrity rules, bad values, rules raised by our triggers, and
+        // values past one of PostgreSQL's limits (class 54: an index entry
+        // too large, too many arguments), which fail alike on every attempt.
+        c if c.starts_with("23") || c.starts_with("22") || c.starts_with("54") || c == "P0001" => {
+            Fault::Permanent(422)
+        }
         _ => Fault::Transient,
     }
 }

@@ -384,3 +384,22 @@ async fn the_release_lock_is_held_until_the_transaction_ends() {
         .unwrap();
     assert!(free_after, "the commit releases it");
 }
+
+/// A value past one of PostgreSQL's limits (here the size of an index entry)
+/// fails the same way on every attempt: it is refused at once, not retried
+/// for twelve minutes as if the database were in trouble.
+#[tokio::test]
+async fn a_value_past_a_postgresql_limit_is_rejected_not_retried() {
+    let db = TestDb::new().await;
+    let release = fresh_release();
+    let created = process(&db.pool, &bodies(&[release_created(release, "v1")])).await;
+    assert_eq!(created[0].status, Status::Accepted);
+
+    // Random hex does not compress below the btree entry limit (~2.7 kB).
+    let huge_name: String = (0..250).map(|_| Uuid::new_v4().simple().to_string()).collect();
+    let outcomes = process(&db.pool, &bodies(&[g1_check(release, &huge_name, "pass")])).await;
+    let outcome = &outcomes[0];
+    assert_eq!(outcome.status, Status::Rejected, "{outcome:?}");
+    assert_eq!(outcome.code, 422, "{outcome:?}");
+    assert_eq!(outcome.next, Next::DeadLetter);
+}
