@@ -1675,3 +1675,54 @@ async fn a_backdated_deployment_neither_hides_the_violation_nor_revives_an_expir
         1
     );
 }
+
+/// A rollback is exempt from the production guard, so it must undo a
+/// deployment that went live: naming a failed one would let any deployment
+/// of an ineligible release skip the guard by calling itself a rollback.
+#[tokio::test]
+async fn only_a_deployment_that_succeeded_can_be_rolled_back() {
+    let db = TestDb::new().await;
+    let r = release(&db).await; // not eligible for production
+    let failed = Uuid::new_v4();
+    let attempt = deploy(&db, r, failed, "production", "failed").await;
+    assert_eq!(attempt["status"], "failed");
+
+    let disguised = json!({"deployment_id": Uuid::new_v4(), "environment": "production", "status": "succeeded",
+                           "deployed_by": "sre-2", "rollback_of": failed});
+    assert_rejected(
+        fails(&db, "deployment_event", r, None, disguised).await,
+        409,
+        "only a deployment that succeeded can be rolled back",
+    );
+    let deployments: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.deployments WHERE release_id = $1")
+        .bind(r)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(deployments, 1, "the disguised deployment was not recorded");
+}
+
+/// Eligibility is the release's, for its source_ref: a production
+/// deployment of other code under the release's name is flagged.
+#[tokio::test]
+async fn a_production_deployment_of_another_source_ref_is_a_policy_violation() {
+    let db = TestDb::new().await;
+    let r = eligible_release(&db).await;
+    let other_code = json!({"deployment_id": Uuid::new_v4(), "environment": "production", "status": "succeeded",
+                            "deployed_by": "sre-1", "source_ref": "f00dfeed"});
+    let result = ok(&db, "deployment_event", r, None, other_code).await;
+    assert_eq!(result["policy_violation"], json!(true), "{result}");
+    let blockers = result["blockers"].as_array().unwrap();
+    assert_eq!(blockers.len(), 1, "{result}");
+    assert!(
+        blockers[0]
+            .as_str()
+            .unwrap()
+            .contains("deploys f00dfeed, not the release's source_ref"),
+        "{result}"
+    );
+
+    // The release's own code is not flagged.
+    let own_code = deploy(&db, r, Uuid::new_v4(), "production", "succeeded").await;
+    assert_eq!(own_code["policy_violation"], json!(false), "{own_code}");
+}

@@ -393,15 +393,55 @@ async fn deployments_roll_back_existing_deployments_only() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
+    let rollback = || {
+        sqlx::query(
+            "INSERT INTO ops.deployments (release_id, environment, deployed_by, source_ref, rollback_of, created_by)
+             VALUES ($1, 'production', 'sre-1', 'prev999', $2, 'sre-1')",
+        )
+        .bind(release_id)
+        .bind(first)
+        .execute(&db.pool)
+    };
+    // Only a deployment that went live can be undone: a rollback is exempt
+    // from the production guard, so naming an unfinished or failed one would
+    // let any deployment call itself a rollback.
+    assert_eq!(
+        sqlstate(rollback().await),
+        CHECK_VIOLATION,
+        "rollback of an in_progress deployment"
+    );
+    let set_status = |status: &'static str| {
+        sqlx::query(
+            "UPDATE ops.deployments SET status = $2::ops.ops_deployment_status WHERE deployment_id = $1",
+        )
+        .bind(first)
+        .bind(status)
+        .execute(&db.pool)
+    };
+    set_status("failed").await.unwrap();
+    assert_eq!(
+        sqlstate(rollback().await),
+        CHECK_VIOLATION,
+        "rollback of a failed deployment"
+    );
+
+    let second: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO ops.deployments (release_id, environment, deployed_by, source_ref, status, created_by)
+         VALUES ($1, 'production', 'sre-1', 'abc123', 'succeeded', 'sre-1') RETURNING deployment_id",
+    )
+    .bind(release_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     sqlx::query(
         "INSERT INTO ops.deployments (release_id, environment, deployed_by, source_ref, rollback_of, created_by)
          VALUES ($1, 'production', 'sre-1', 'prev999', $2, 'sre-1')",
     )
     .bind(release_id)
-    .bind(first)
+    .bind(second)
     .execute(&db.pool)
     .await
-    .expect("a rollback of an existing deployment");
+    .expect("a rollback of a deployment that succeeded");
 }
 
 #[tokio::test]

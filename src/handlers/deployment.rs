@@ -181,10 +181,12 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
 
     // A rollback is recorded against the release it rolls back (its
     // source_ref names what is deployed again): that release's status turns
-    // rolled_back, and the production guard does not stop it.
+    // rolled_back, and the production guard does not stop it. So it must
+    // undo a deployment that went live; else any deployment could call
+    // itself a rollback and skip the guard.
     if let Some(target) = event.rollback_of {
-        let rolled_back: Option<(Uuid, String)> = sqlx::query_as(
-            "SELECT release_id, environment::text FROM ops.deployments WHERE deployment_id = $1",
+        let rolled_back: Option<(Uuid, String, String)> = sqlx::query_as(
+            "SELECT release_id, environment::text, status::text FROM ops.deployments WHERE deployment_id = $1",
         )
         .bind(target)
         .fetch_optional(&mut *conn)
@@ -197,16 +199,21 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
                     id: target,
                 });
             }
-            Some((owner, _)) if owner != envelope.release_id => {
+            Some((owner, _, _)) if owner != envelope.release_id => {
                 return Err(HandlerError::conflict(format!(
                     "rollback_of {target} is a deployment of release {owner}, not of release {}",
                     envelope.release_id
                 )));
             }
-            Some((_, environment)) if environment != event.environment => {
+            Some((_, environment, _)) if environment != event.environment => {
                 return Err(HandlerError::conflict(format!(
                     "rollback_of {target} is a {environment} deployment, but deployment {deployment_id} is in {}",
                     event.environment
+                )));
+            }
+            Some((_, _, status)) if !["succeeded", "rolled_back"].contains(&status.as_str()) => {
+                return Err(HandlerError::conflict(format!(
+                    "rollback_of {target} is {status}: only a deployment that succeeded can be rolled back"
                 )));
             }
             Some(_) => {}
@@ -253,11 +260,24 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
         && ["in_progress", "succeeded"].contains(&event.status.as_str())
     {
         // Eligible exactly when nothing blocks (ops.is_eligible_for_promotion).
-        sqlx::query_scalar("SELECT ops.promotion_blockers($1, 'production')")
+        let mut blockers: Vec<String> = sqlx::query_scalar("SELECT ops.promotion_blockers($1, 'production')")
             .bind(envelope.release_id)
             .fetch_all(&mut *conn)
             .await
-            .db("evaluate production eligibility")?
+            .db("evaluate production eligibility")?;
+        // Eligibility is the release's, for its source_ref: deploying other
+        // code under the release's name is not covered by it.
+        let deployed_ref = existing
+            .as_ref()
+            .map(|current| current.source_ref.as_str())
+            .or(event.source_ref.as_deref())
+            .unwrap_or(&release_source_ref);
+        if deployed_ref != release_source_ref {
+            blockers.push(format!(
+                "deployment {deployment_id} deploys {deployed_ref}, not the release's source_ref {release_source_ref}"
+            ));
+        }
+        blockers
     } else {
         Vec::new()
     };
