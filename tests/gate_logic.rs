@@ -758,6 +758,20 @@ async fn a_health_check_after_the_sla_does_not_confirm_g4() {
     assert_eq!(status, "failed");
 }
 
+#[tokio::test]
+async fn a_health_check_from_before_the_deployment_does_not_confirm_g4() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    let dep = seed::deployment(&db.pool, r, "production", "succeeded", SHA, at(0)).await;
+    // Observed five minutes before the deployment: it describes what ran then.
+    seed::health_check(&db.pool, r, dep, "pass", at(-5)).await;
+    // Deployed in the past: the SLA is over and nothing passed within it.
+    assert_eq!(g4_of(&db, dep).await, "failed");
+
+    seed::health_check(&db.pool, r, dep, "pass", at(5)).await;
+    assert_eq!(g4_of(&db, dep).await, "passed");
+}
+
 // --- Direct writes that must not move derived state (migration 0007) --------
 
 async fn g4_of(db: &TestDb, deployment: Uuid) -> String {
