@@ -254,11 +254,16 @@ pub struct AmqpSettings {
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
     pub confirm_timeout_secs: u64,
+    pub connect_timeout_secs: u64,
 }
 
 impl AmqpSettings {
     pub fn confirm_timeout(&self) -> Duration {
         Duration::from_secs(self.confirm_timeout_secs)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
     }
 }
 
@@ -383,6 +388,8 @@ impl Settings {
         at_most_a_day_ms("amqp.reconnect_min_ms", self.amqp.reconnect_min_ms)?;
         at_most_a_day_ms("amqp.reconnect_max_ms", self.amqp.reconnect_max_ms)?;
         at_most_a_day_secs("amqp.confirm_timeout_secs", self.amqp.confirm_timeout_secs)?;
+        positive("amqp.connect_timeout_secs", self.amqp.connect_timeout_secs)?;
+        at_most_a_day_secs("amqp.connect_timeout_secs", self.amqp.connect_timeout_secs)?;
         if self.amqp.reconnect_max_ms < self.amqp.reconnect_min_ms {
             return Err(ConfigError::invalid(
                 "amqp.reconnect_max_ms",

@@ -21,6 +21,7 @@ fn settings(namespace: &str, delivery_limit: u32) -> AmqpSettings {
         reconnect_min_ms: 50,
         reconnect_max_ms: 200,
         confirm_timeout_secs: 5,
+        connect_timeout_secs: 10,
     }
 }
 

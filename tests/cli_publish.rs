@@ -136,3 +136,86 @@ async fn publish_envelope_sends_the_given_bytes_unchanged() {
     assert_eq!(message.delivery.routing_key.as_str(), "release_created");
     producer.finish().await;
 }
+
+/// A broker (or a load balancer) that accepts the connection and never
+/// answers must not hang a CI step: the attempt fails after
+/// `amqp.connect_timeout_secs`, with exit 1.
+#[test]
+fn publish_gives_up_on_a_broker_that_never_answers() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a silent listener");
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        // Accept and hold every connection, saying nothing.
+        let held: Vec<_> = silent.incoming().collect();
+        drop(held);
+    });
+    let mut child = Command::new(env!("CARGO_BIN_EXE_opsgate"))
+        .arg("--config-dir")
+        .arg(config_dir())
+        .args(["publish", "--event", "check_result", "--gate", "G1"])
+        .args(["--release", &uuid::Uuid::new_v4().to_string()])
+        .args(["--payload", r#"{"check_name": "lint", "status": "pass"}"#])
+        .env(
+            "OPSGATE__AMQP__URL",
+            format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        )
+        .env("OPSGATE__AMQP__CONNECT_TIMEOUT_SECS", "1")
+        .env_remove("AMQP_URL")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run opsgate publish");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("opsgate publish still waits for a silent broker after 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no answer within 1s"), "{stderr}");
+}
+
+/// The event is published whoever reads the report: `opsgate publish … |
+/// true` exits 0, not with a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_exits_0_when_nobody_reads_its_output() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_opsgate"))
+        .arg("--config-dir")
+        .arg(config_dir())
+        .args(["publish", "--event", "release_created", "--payload", RELEASE])
+        .envs(env_of(&settings))
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run opsgate publish");
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    // And it was published.
+    let channel = producer.publisher.channel();
+    let queued = channel
+        .queue_declare(
+            producer.topology.ingest_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(queued.message_count(), 1);
+    producer.finish().await;
+}

@@ -196,3 +196,67 @@ async fn policy_apply_changes_what_a_gate_needs() {
     assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Runs `opsgate` with stdout on a pipe whose reader has gone, as in
+/// `opsgate release eligible … | true` under `set -o pipefail`.
+fn opsgate_into_a_closed_pipe(db: &TestDb, args: &[&str]) -> std::process::ExitStatus {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_opsgate"))
+        .arg("--config-dir")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+        .args(args)
+        .env("OPSGATE__DATABASE__URL", db.settings.url.expose())
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run opsgate");
+    // Closed before the command has connected to the database, let alone printed.
+    drop(child.stdout.take());
+    child.wait().expect("wait for opsgate")
+}
+
+#[tokio::test]
+async fn eligible_answers_by_its_exit_code_when_nobody_reads_its_output() {
+    let db = TestDb::new().await;
+    let blocked = seed::release_named(&db.pool, "acme/odoo", "v1.0", "dev-1", "sha-1").await;
+    seed::check(&db.pool, blocked, "G1", "unit_tests", "fail", at(1)).await;
+    for format in [&[][..], &["--json"][..]] {
+        let mut args = vec!["release", "eligible", "acme/odoo/v1.0", "--env", "production"];
+        args.extend_from_slice(format);
+        let status = opsgate_into_a_closed_pipe(&db, &args);
+        assert_eq!(status.code(), Some(1), "{args:?}: not eligible, whoever reads");
+    }
+    let fresh = seed::release_named(&db.pool, "acme/odoo", "v2.0", "dev-1", "sha-2").await;
+    seed::check(&db.pool, fresh, "G1", "unit_tests", "pass", at(1)).await;
+    let status = opsgate_into_a_closed_pipe(&db, &["release", "eligible", "acme/odoo/v2.0", "--env", "dev"]);
+    assert_eq!(status.code(), Some(0), "eligible for dev, whoever reads");
+}
+
+/// An answer that could not be written is no answer (2), not "not
+/// eligible" (1).
+#[tokio::test]
+async fn eligible_exits_2_when_it_cannot_write_its_answer() {
+    let db = TestDb::new().await;
+    let release = seed::release_named(&db.pool, "acme/odoo", "v1.0", "dev-1", "sha-1").await;
+    seed::check(&db.pool, release, "G1", "unit_tests", "pass", at(1)).await;
+    for format in [&[][..], &["--json"][..]] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("open /dev/full");
+        let status = Command::new(env!("CARGO_BIN_EXE_opsgate"))
+            .arg("--config-dir")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+            .args(["release", "eligible", "acme/odoo/v1.0", "--env", "dev"])
+            .args(format)
+            .env("OPSGATE__DATABASE__URL", db.settings.url.expose())
+            .env_remove("DATABASE_URL")
+            .env_remove("RUST_LOG")
+            .stdout(full)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run opsgate");
+        assert_eq!(status.code(), Some(2), "{format:?}");
+    }
+}

@@ -145,6 +145,11 @@ fn every_setting_is_validated_at_start() {
             "0",
             "amqp.confirm_timeout_secs",
         ),
+        (
+            "OPSGATE__AMQP__CONNECT_TIMEOUT_SECS",
+            "0",
+            "amqp.connect_timeout_secs",
+        ),
         ("OPSGATE__AMQP__PREFETCH", "0", "amqp.prefetch"),
         ("OPSGATE__AMQP__NAMESPACE", " ", "amqp.namespace"),
         ("OPSGATE__RETRY__SCHEDULE_SECS", "1,0", "retry.schedule_secs"),

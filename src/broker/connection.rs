@@ -9,17 +9,24 @@ use tokio_util::sync::CancellationToken;
 use super::BrokerError;
 use crate::config::AmqpSettings;
 
-/// One connection attempt. `name` shows up in the management UI, so
-/// operators can tell opsgate's connections (and which role) apart.
+/// One connection attempt, bounded by `amqp.connect_timeout_secs`. `name`
+/// shows up in the management UI, so operators can tell opsgate's
+/// connections (and which role) apart.
 pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, BrokerError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(settings.url.expose(), properties)
-        .await
-        .map_err(|source| BrokerError::Connect {
+    let connecting = Connection::connect(settings.url.expose(), properties);
+    match tokio::time::timeout(settings.connect_timeout(), connecting).await {
+        Ok(connected) => connected.map_err(|source| BrokerError::Connect {
             address: settings.url.to_string(),
             name: name.to_owned(),
             source,
-        })
+        }),
+        Err(_) => Err(BrokerError::ConnectTimeout {
+            address: settings.url.to_string(),
+            name: name.to_owned(),
+            seconds: settings.connect_timeout_secs,
+        }),
+    }
 }
 
 /// Connects, retrying forever with exponential backoff and jitter between

@@ -37,6 +37,15 @@ pub enum BrokerError {
         #[source]
         source: lapin::Error,
     },
+    #[error(
+        "cannot connect to RabbitMQ at {address} (connection {name:?}): no answer within {seconds}s \
+         (amqp.connect_timeout_secs). Is something else listening there, or is the broker hung?"
+    )]
+    ConnectTimeout {
+        address: String,
+        name: String,
+        seconds: u64,
+    },
     #[error("cannot open a channel on RabbitMQ connection {name:?}: {source}")]
     Channel {
         name: String,

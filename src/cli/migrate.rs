@@ -7,15 +7,15 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     let report = database::migrate(&settings.database).await?;
     let address = settings.database.address();
     if report.created_database {
-        println!("created database {address}");
+        out!("created database {address}")?;
     }
     if report.applied.is_empty() {
-        println!("{address} is up to date: no pending migrations");
+        out!("{address} is up to date: no pending migrations")?;
     } else {
         for migration in &report.applied {
-            println!("applied {migration}");
+            out!("applied {migration}")?;
         }
-        println!("{address}: {} migration(s) applied", report.applied.len());
+        out!("{address}: {} migration(s) applied", report.applied.len())?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -7,6 +7,15 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, Settings};
 
+/// `println!` that returns the write error instead of panicking, and takes a
+/// closed pipe (`| head`, `| true`) as success: the reader has what it
+/// wanted, and the exit code still says what happened.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_line(format_args!($($arg)*))
+    };
+}
+
 mod migrate;
 mod policy;
 mod publish;
@@ -92,7 +101,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sweep(args) => sweep::run(&settings, args).await,
         Command::Policy(command) => policy::run(&settings, &cli.config_dir, command).await,
         Command::Config => {
-            print_settings(&settings);
+            print_settings(&settings)?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -114,17 +123,21 @@ pub fn one_line(error: &anyhow::Error) -> String {
     line
 }
 
-fn print_settings(settings: &Settings) {
-    println!("{settings:#?}");
+fn print_settings(settings: &Settings) -> std::io::Result<()> {
+    out!("{settings:#?}")
 }
 
-/// Prints `value` as pretty JSON on stdout. A closed pipe (`| head`) is not
-/// an error.
-fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+/// One line on stdout; see [`out!`].
+pub(crate) fn write_line(line: std::fmt::Arguments<'_>) -> std::io::Result<()> {
     use std::io::Write;
-    let text = serde_json::to_string_pretty(value)?;
-    match writeln!(std::io::stdout(), "{text}") {
+    match writeln!(std::io::stdout().lock(), "{line}") {
         Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
+        other => other,
     }
+}
+
+/// Prints `value` as pretty JSON on stdout (see [`out!`]).
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    Ok(out!("{text}")?)
 }

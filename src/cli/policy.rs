@@ -30,14 +30,14 @@ pub async fn run(settings: &Settings, config_dir: &Path, command: PolicyCommand)
             let policies = policy::read_file(&path)?;
             let changed = policy::apply(&pool, &policies).await?;
             if changed.is_empty() {
-                println!(
+                out!(
                     "{} policies in {} are already in force",
                     policies.len(),
                     path.display()
-                );
+                )?;
             }
             for policy in &changed {
-                println!("updated policy {}/{}", policy.gate, policy.environment);
+                out!("updated policy {}/{}", policy.gate, policy.environment)?;
             }
         }
     }

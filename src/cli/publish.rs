@@ -162,14 +162,14 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Result<ExitC
         Err(error) => return Err(error.into()),
     }
     let Some(mut replies) = replies else {
-        println!("published {key}");
+        printed(out!("published {key}"));
         return Ok(ExitCode::SUCCESS);
     };
     let reply = tokio::time::timeout(Duration::from_secs(args.timeout), replies.next()).await;
     let code = match reply {
         Ok(Some(Ok(delivery))) => {
             let outcome: Value = serde_json::from_slice(&delivery.data).unwrap_or(Value::Null);
-            println!("{}", serde_json::to_string_pretty(&outcome)?);
+            printed(out!("{}", serde_json::to_string_pretty(&outcome)?));
             match outcome["status"].as_str() {
                 Some("accepted" | "duplicate") => ExitCode::SUCCESS,
                 _ => ExitCode::from(REJECTED),
@@ -189,4 +189,12 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Result<ExitC
     };
     let _ = connection.close(200, "published".into()).await;
     Ok(code)
+}
+
+/// The event is published whether or not its report can be printed; the
+/// exit code says what happened to it, so a failed print is only reported.
+fn printed(result: std::io::Result<()>) {
+    if let Err(error) = result {
+        eprintln!("warning: failed to print to stdout: {error}");
+    }
 }

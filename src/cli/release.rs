@@ -98,15 +98,15 @@ pub async fn run(settings: &Settings, command: ReleaseCommand) -> anyhow::Result
                     return Ok(ExitCode::from(2));
                 }
             };
-            if args.json {
-                super::print_json(&answer)?;
-            } else if answer.eligible {
-                println!("{} is eligible for {}", args.release, answer.target_env);
+            let printed = if args.json {
+                super::print_json(&answer)
             } else {
-                println!("{} is NOT eligible for {}:", args.release, answer.target_env);
-                for blocker in &answer.blockers {
-                    println!("  - {blocker}");
-                }
+                print_eligibility(&args.release.to_string(), &answer).map_err(anyhow::Error::from)
+            };
+            if let Err(error) = printed {
+                // The answer did not reach the caller: that is no answer.
+                eprintln!("error: failed to print the answer: {error}");
+                return Ok(ExitCode::from(2));
             }
             Ok(if answer.eligible {
                 ExitCode::SUCCESS
@@ -115,4 +115,15 @@ pub async fn run(settings: &Settings, command: ReleaseCommand) -> anyhow::Result
             })
         }
     }
+}
+
+fn print_eligibility(release: &str, answer: &releases::Eligibility) -> std::io::Result<()> {
+    if answer.eligible {
+        return out!("{release} is eligible for {}", answer.target_env);
+    }
+    out!("{release} is NOT eligible for {}:", answer.target_env)?;
+    for blocker in &answer.blockers {
+        out!("  - {blocker}")?;
+    }
+    Ok(())
 }
