@@ -1346,7 +1346,7 @@ async fn environment_event_appends_to_the_log() {
 // --- incidents and drills ---------------------------------------------------
 
 #[tokio::test]
-async fn an_incident_opens_once_and_resolves_once() {
+async fn an_incident_opens_once_resolves_once_and_its_postmortem_goes_on() {
     let db = TestDb::new().await;
     let r = release(&db).await;
     let d = Uuid::new_v4();
@@ -1434,11 +1434,31 @@ async fn an_incident_opens_once_and_resolves_once() {
         (row.1.as_deref(), row.2.as_str()),
         (Some("bad migration"), "in_progress")
     );
+    // Later events carry the postmortem on, and cannot move resolved_at.
+    let moved = json!({"incident_id": incident_id, "resolved_at": row.0.unwrap() + Duration::minutes(5)});
     assert_rejected(
-        fails(&db, "incident_resolved", r, None, resolve).await,
+        fails(&db, "incident_resolved", r, None, moved).await,
         409,
-        "already resolved",
+        "resolved_at cannot move",
     );
+    let completed = ok(
+        &db,
+        "incident_resolved",
+        r,
+        None,
+        json!({"incident_id": incident_id, "root_cause": "a migration locked the table",
+               "postmortem_status": "complete"}),
+    )
+    .await;
+    assert_eq!(completed["postmortem_status"], "complete");
+    assert_eq!(completed["resolved_at"], resolved["resolved_at"]);
+    let after: (Option<Ts>, Option<String>) =
+        sqlx::query_as("SELECT resolved_at, root_cause FROM ops.incidents WHERE incident_id = $1")
+            .bind(incident_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(after, (row.0, Some("a migration locked the table".to_owned())));
 
     let unknown = Uuid::new_v4();
     assert_unknown(
@@ -1725,4 +1745,205 @@ async fn a_production_deployment_of_another_source_ref_is_a_policy_violation() {
     // The release's own code is not flagged.
     let own_code = deploy(&db, r, Uuid::new_v4(), "production", "succeeded").await;
     assert_eq!(own_code["policy_violation"], json!(false), "{own_code}");
+}
+
+/// The post-review checks the grant: neither the exception's approver nor
+/// the release's initiator may give it.
+#[tokio::test]
+async fn an_exception_is_not_reviewed_by_its_approver_or_the_initiator() {
+    let db = TestDb::new().await;
+    let r = release(&db).await; // initiated by dev-1
+    let granted = ok(
+        &db,
+        "exception_granted",
+        r,
+        None,
+        exception_payload("rm-1", seed::now() + Duration::hours(2)),
+    )
+    .await;
+    let exception_id = id_of(&granted["exception_id"]);
+    let review = |reviewer: &str| json!({"exception_id": exception_id, "post_review_status": "complete", "reviewer_id": reviewer});
+    for (reviewer, why) in [
+        ("rm-1", "who approved it"),
+        ("dev-1", "who initiated the release"),
+    ] {
+        assert_rejected(
+            fails(&db, "exception_reviewed", r, None, review(reviewer)).await,
+            409,
+            why,
+        );
+    }
+    let status: String =
+        sqlx::query_scalar("SELECT post_review_status::text FROM ops.exceptions WHERE exception_id = $1")
+            .bind(exception_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "pending", "no refused review changed it");
+
+    // The database holds the rule for direct writers too.
+    for reviewer in ["rm-1", "dev-1"] {
+        let direct = sqlx::query(
+            "INSERT INTO ops.approvals (release_id, exception_id, approver_id, persona_role, decision, scope,
+                                        decided_at, created_by)
+             VALUES ($1, $2, $3, 'release_manager', 'approved', 'exception', now(), 'rm')",
+        )
+        .bind(r)
+        .bind(exception_id)
+        .bind(reviewer)
+        .execute(&db.pool)
+        .await;
+        assert_eq!(common::sqlstate(direct), "23514", "{reviewer}");
+    }
+    ok(&db, "exception_reviewed", r, None, review("rm-2")).await;
+}
+
+/// Facts dated more than five minutes ahead are refused everywhere, so a
+/// wrong clock cannot skew the time to restore or a drill's date.
+#[tokio::test]
+async fn incident_and_drill_times_in_the_future_are_refused() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    let future = seed::now() + Duration::hours(1);
+    let incident_id = Uuid::new_v4();
+    assert_rejected(
+        fails(
+            &db,
+            "incident_opened",
+            r,
+            None,
+            json!({"incident_id": incident_id, "severity": "sev2", "title": "x", "detected_at": future}),
+        )
+        .await,
+        422,
+        "detected_at",
+    );
+    ok(
+        &db,
+        "incident_opened",
+        r,
+        None,
+        json!({"incident_id": incident_id, "severity": "sev2", "title": "x"}),
+    )
+    .await;
+    assert_rejected(
+        fails(
+            &db,
+            "incident_resolved",
+            r,
+            None,
+            json!({"incident_id": incident_id, "resolved_at": future}),
+        )
+        .await,
+        422,
+        "resolved_at",
+    );
+    assert_rejected(
+        fails(
+            &db,
+            "recovery_drill",
+            r,
+            None,
+            json!({"environment": "staging", "drill_type": "database_restore", "executed_by": "sre-1",
+                   "executed_at": future, "outcome": "succeeded", "restore_validated": true}),
+        )
+        .await,
+        422,
+        "executed_at",
+    );
+}
+
+/// An incident caused by a deployment happened where it was deployed.
+#[tokio::test]
+async fn an_incident_of_a_deployment_is_filed_in_its_environment() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    let staging = Uuid::new_v4();
+    deploy(&db, r, staging, "staging", "succeeded").await;
+    let opened = ok(
+        &db,
+        "incident_opened",
+        r,
+        None,
+        json!({"incident_id": Uuid::new_v4(), "severity": "sev3", "title": "500s", "deployment_id": staging}),
+    )
+    .await;
+    assert_eq!(opened["environment"], "staging");
+    assert_rejected(
+        fails(
+            &db,
+            "incident_opened",
+            r,
+            None,
+            json!({"incident_id": Uuid::new_v4(), "severity": "sev3", "title": "500s",
+                   "deployment_id": staging, "environment": "production"}),
+        )
+        .await,
+        409,
+        "is a staging deployment",
+    );
+    let unattributed = ok(
+        &db,
+        "incident_opened",
+        r,
+        None,
+        json!({"incident_id": Uuid::new_v4(), "severity": "sev3", "title": "slow"}),
+    )
+    .await;
+    assert_eq!(unattributed["environment"], "production");
+}
+
+/// Each step of a deployment names who reported it, and a release whose
+/// gates were judged for another target is not eligible for production.
+#[tokio::test]
+async fn deployment_steps_name_their_reporter_and_targets_are_kept() {
+    let db = TestDb::new().await;
+    let r = eligible_release(&db).await;
+    let production = Uuid::new_v4();
+    deploy(&db, r, production, "production", "succeeded").await; // by sre-1
+    ok(
+        &db,
+        "deployment_event",
+        r,
+        None,
+        json!({"deployment_id": production, "environment": "production", "status": "rolled_back",
+               "deployed_by": "sre-bob"}),
+    )
+    .await;
+    let reporters: Vec<(String, String)> = sqlx::query_as(
+        "SELECT payload ->> 'deployed_by', payload ->> 'reported_by' FROM ops.environment_events
+         WHERE deployment_id = $1 ORDER BY created_at",
+    )
+    .bind(production)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        reporters,
+        [
+            ("sre-1".to_owned(), "sre-1".to_owned()),
+            ("sre-1".to_owned(), "sre-bob".to_owned())
+        ]
+    );
+
+    let staging_only = Uuid::new_v4();
+    ok(
+        &db,
+        "release_created",
+        staging_only,
+        None,
+        json!({"project": "acme/odoo", "release_name": "staging-only", "environment_target": "staging",
+               "source_ref": SHA, "initiating_actor": "dev-1"}),
+    )
+    .await;
+    let result = deploy(&db, staging_only, Uuid::new_v4(), "production", "succeeded").await;
+    assert_eq!(result["policy_violation"], json!(true), "{result}");
+    assert!(
+        result["blockers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b.as_str().unwrap().contains("the release targets staging")),
+        "{result}"
+    );
 }

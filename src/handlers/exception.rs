@@ -9,9 +9,10 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::approval::PERSONA_ROLES;
-use super::validate::{key_uuid, not_blank, one_of};
+use super::validate::{fact_time, key_uuid, not_blank, one_of};
 use super::{DbContext, HandlerError, existing_release, payload};
 use crate::envelope::Envelope;
+use crate::text::quoted;
 
 const GATE_CODES: &[&str] = &["G1", "G2", "G3", "G4"];
 
@@ -181,23 +182,43 @@ pub async fn exception_reviewed(conn: &mut PgConnection, envelope: &Envelope) ->
     one_of("persona_role", &review.persona_role, PERSONA_ROLES)?;
     existing_release(conn, envelope.release_id).await?;
 
-    let owner: Option<Uuid> =
-        sqlx::query_scalar("SELECT release_id FROM ops.exceptions WHERE exception_id = $1 FOR UPDATE")
-            .bind(review.exception_id)
-            .fetch_optional(&mut *conn)
-            .await
-            .db("look up the exception")?;
-    match owner {
+    let decided_at = fact_time("decided_at", None, envelope)?;
+    let granted: Option<(Uuid, String, String)> = sqlx::query_as(
+        "SELECT e.release_id, e.approver_id, r.initiating_actor
+         FROM ops.exceptions e JOIN ops.releases r ON r.release_id = e.release_id
+         WHERE e.exception_id = $1 FOR UPDATE OF e",
+    )
+    .bind(review.exception_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .db("look up the exception")?;
+    match granted {
         None => {
             return Err(HandlerError::UnknownReference {
                 kind: "exception",
                 id: review.exception_id,
             });
         }
-        Some(owner) if owner != envelope.release_id => {
+        Some((owner, _, _)) if owner != envelope.release_id => {
             return Err(HandlerError::conflict(format!(
                 "exception {} belongs to release {owner}, not to release {}",
                 review.exception_id, envelope.release_id
+            )));
+        }
+        // The review checks the grant: neither its approver nor the person
+        // it let through may do it (separation of duties).
+        Some((_, approver, _)) if approver == review.reviewer_id => {
+            return Err(HandlerError::conflict(format!(
+                "exception {} cannot be reviewed by {}, who approved it (separation of duties)",
+                review.exception_id,
+                quoted(&review.reviewer_id)
+            )));
+        }
+        Some((_, _, initiator)) if initiator == review.reviewer_id => {
+            return Err(HandlerError::conflict(format!(
+                "exception {} cannot be reviewed by {}, who initiated the release (separation of duties)",
+                review.exception_id,
+                quoted(&review.reviewer_id)
             )));
         }
         Some(_) => {}
@@ -223,7 +244,7 @@ pub async fn exception_reviewed(conn: &mut PgConnection, envelope: &Envelope) ->
     .bind(&review.persona_role)
     .bind(json!({"post_review_status": review.post_review_status}))
     .bind(&review.rationale_text)
-    .bind(envelope.emitted_at)
+    .bind(decided_at)
     .bind(&envelope.source_system)
     .fetch_one(&mut *conn)
     .await

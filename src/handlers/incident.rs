@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::validate::{ENVIRONMENTS, key_uuid, not_blank, not_blank_if_given, one_of, sha256};
+use super::validate::{ENVIRONMENTS, fact_time, key_uuid, not_blank, not_blank_if_given, one_of, sha256};
 use super::{DbContext, HandlerError, existing_release, payload};
 use crate::envelope::Envelope;
 
@@ -35,9 +35,10 @@ pub struct IncidentOpened {
     /// The deployment that caused it, when known; a deployment of the
     /// envelope's release. Counts against the change failure rate.
     pub deployment_id: Option<Uuid>,
-    /// Where it happened: `dev`, `staging` or `production`; default `production`.
-    #[serde(default = "default_incident_environment")]
-    pub environment: String,
+    /// Where it happened: `dev`, `staging` or `production`; default the
+    /// deployment's environment when `deployment_id` is given, else
+    /// `production`. With a deployment it must be the deployment's (409).
+    pub environment: Option<String>,
     /// When it was detected; default the envelope's emitted_at.
     pub detected_at: Option<DateTime<Utc>>,
     /// Timeline entries as given (objects or strings); default `[]`.
@@ -45,17 +46,16 @@ pub struct IncidentOpened {
     pub timeline: Vec<Value>,
 }
 
-fn default_incident_environment() -> String {
-    "production".to_owned()
-}
-
-/// Payload of `incident_resolved`.
+/// Payload of `incident_resolved`. The first one resolves the incident;
+/// later ones record the postmortem's progress (`root_cause`,
+/// `postmortem_status`) and may not move `resolved_at`.
 #[derive(Debug, Deserialize)]
 pub struct IncidentResolved {
-    /// The incident resolved; it must be open and of the envelope's release.
+    /// The incident; it must be of the envelope's release.
     pub incident_id: Uuid,
     /// When service was restored; default the envelope's emitted_at. Not
-    /// before the incident's detected_at.
+    /// before the incident's detected_at. For an incident already resolved:
+    /// omitted, or the recorded time (409 otherwise).
     pub resolved_at: Option<DateTime<Utc>>,
     /// The root cause, when known; optional (an earlier value is kept when omitted).
     pub root_cause: Option<String>,
@@ -106,11 +106,33 @@ pub async fn incident_opened(conn: &mut PgConnection, envelope: &Envelope) -> Re
     let incident: IncidentOpened = payload(envelope)?;
     one_of("severity", &incident.severity, SEVERITIES)?;
     not_blank("title", &incident.title)?;
-    one_of("environment", &incident.environment, ENVIRONMENTS)?;
+    if let Some(environment) = &incident.environment {
+        one_of("environment", environment, ENVIRONMENTS)?;
+    }
+    let detected_at = fact_time("detected_at", incident.detected_at, envelope)?;
     existing_release(conn, envelope.release_id).await?;
+    let mut environment = incident.environment.clone();
     if let Some(deployment_id) = incident.deployment_id {
         super::deployment::deployment_of_release(conn, envelope.release_id, deployment_id).await?;
+        // An incident caused by a deployment happened where it was deployed:
+        // it counts in that environment's change failure rate and MTTR.
+        let deployed_to: String =
+            sqlx::query_scalar("SELECT environment::text FROM ops.deployments WHERE deployment_id = $1")
+                .bind(deployment_id)
+                .fetch_one(&mut *conn)
+                .await
+                .db("read the deployment's environment")?;
+        match &environment {
+            Some(given) if *given != deployed_to => {
+                return Err(HandlerError::conflict(format!(
+                    "incident {} is in {given}, but deployment {deployment_id} is a {deployed_to} deployment",
+                    incident.incident_id
+                )));
+            }
+            _ => environment = Some(deployed_to),
+        }
     }
+    let environment = environment.unwrap_or_else(|| "production".to_owned());
     let existing: Option<Option<Uuid>> =
         sqlx::query_scalar("SELECT release_id FROM ops.incidents WHERE incident_id = $1")
             .bind(incident.incident_id)
@@ -123,7 +145,6 @@ pub async fn incident_opened(conn: &mut PgConnection, envelope: &Envelope) -> Re
             incident.incident_id
         )));
     }
-    let detected_at = incident.detected_at.unwrap_or(envelope.emitted_at);
     sqlx::query(
         "INSERT INTO ops.incidents (incident_id, deployment_id, release_id, environment, severity, title,
                                     detected_at, timeline, created_by)
@@ -132,7 +153,7 @@ pub async fn incident_opened(conn: &mut PgConnection, envelope: &Envelope) -> Re
     .bind(incident.incident_id)
     .bind(incident.deployment_id)
     .bind(envelope.release_id)
-    .bind(&incident.environment)
+    .bind(&environment)
     .bind(&incident.severity)
     .bind(&incident.title)
     .bind(detected_at)
@@ -144,7 +165,7 @@ pub async fn incident_opened(conn: &mut PgConnection, envelope: &Envelope) -> Re
     Ok(json!({
         "incident_id": incident.incident_id,
         "severity": incident.severity,
-        "environment": incident.environment,
+        "environment": environment,
         "deployment_id": incident.deployment_id,
         "detected_at": detected_at,
     }))
@@ -182,11 +203,18 @@ pub async fn incident_resolved(conn: &mut PgConnection, envelope: &Envelope) -> 
         )));
     }
     if let Some(resolved) = resolved {
-        return Err(HandlerError::conflict(format!(
-            "incident {incident_id} was already resolved at {resolved}"
-        )));
+        // Resolved already: this event carries the postmortem on.
+        if resolution.resolved_at.is_some_and(|given| given != resolved) {
+            return Err(HandlerError::conflict(format!(
+                "incident {incident_id} was already resolved at {resolved}; resolved_at cannot move"
+            )));
+        }
+        fact_time("emitted_at", None, envelope)?;
     }
-    let resolved_at = resolution.resolved_at.unwrap_or(envelope.emitted_at);
+    let resolved_at = match resolved {
+        Some(resolved) => resolved,
+        None => fact_time("resolved_at", resolution.resolved_at, envelope)?,
+    };
     if resolved_at < detected_at {
         return Err(HandlerError::unprocessable(format!(
             "resolved_at {resolved_at} is before the incident's detected_at {detected_at}"
@@ -242,7 +270,7 @@ pub async fn recovery_drill(conn: &mut PgConnection, envelope: &Envelope) -> Res
             "recovery drill {drill_id} already exists"
         )));
     }
-    let executed_at = drill.executed_at.unwrap_or(envelope.emitted_at);
+    let executed_at = fact_time("executed_at", drill.executed_at, envelope)?;
 
     let mut artifact_id = None;
     if let Some(url) = &drill.evidence_url {

@@ -81,3 +81,33 @@ BEGIN
     END IF;
 END
 $$;
+
+-- 3. An exception's post-review (an approval of scope 'exception') checks
+--    the grant: neither the exception's approver nor the release's
+--    initiator may give it (separation of duties), whoever writes it.
+CREATE FUNCTION ops.guard_exception_reviewer() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    granted_by text;
+    initiator  text;
+BEGIN
+    SELECT e.approver_id, r.initiating_actor INTO granted_by, initiator
+    FROM ops.exceptions e JOIN ops.releases r ON r.release_id = e.release_id
+    WHERE e.exception_id = NEW.exception_id;
+    IF NEW.approver_id = granted_by THEN
+        RAISE EXCEPTION 'exception % cannot be reviewed by %, who approved it (separation of duties)',
+            NEW.exception_id, NEW.approver_id
+            USING ERRCODE = 'check_violation';
+    ELSIF NEW.approver_id = initiator THEN
+        RAISE EXCEPTION 'exception % cannot be reviewed by %, who initiated the release (separation of duties)',
+            NEW.exception_id, NEW.approver_id
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION ops.guard_exception_reviewer() FROM PUBLIC;
+CREATE TRIGGER approvals_exception_reviewer BEFORE INSERT OR UPDATE OF approver_id, exception_id, scope ON ops.approvals
+    FOR EACH ROW WHEN (NEW.scope = 'exception')
+    EXECUTE FUNCTION ops.guard_exception_reviewer();
