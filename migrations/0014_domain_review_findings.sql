@@ -111,3 +111,237 @@ REVOKE EXECUTE ON FUNCTION ops.guard_exception_reviewer() FROM PUBLIC;
 CREATE TRIGGER approvals_exception_reviewer BEFORE INSERT OR UPDATE OF approver_id, exception_id, scope ON ops.approvals
     FOR EACH ROW WHEN (NEW.scope = 'exception')
     EXECUTE FUNCTION ops.guard_exception_reviewer();
+
+-- 4. G4 is resolved by the health check that decided it (its source_system,
+--    e.g. monitoring), or, when the SLA ran out, by opsgate; it used to name
+--    the deployer. ops.evaluate_gate as in 0002, but for that.
+CREATE OR REPLACE FUNCTION ops.evaluate_gate(p_gate_id uuid, p_now timestamptz DEFAULT now(),
+                                  p_stored_requirements boolean DEFAULT false)
+RETURNS TABLE (status ops.ops_gate_status, own_status ops.ops_gate_status, exception_id uuid,
+               resolved_by text, explanation jsonb)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    g            ops.release_gates;
+    r            ops.releases;
+    pol          ops.gate_policies;
+    reqs         jsonb := '[]';
+    any_fact     boolean := false;
+    has_failure  boolean := false;
+    all_met      boolean := true;
+    actor        text;
+    rec          record;
+    v_role       ops.ops_persona_role;
+    art          ops.ops_artifact_type;
+    req_code     ops.ops_gate_code;
+    req_status   ops.ops_gate_status;
+    failing      text[];
+    skipped      text[];
+    passing      integer;
+    conflicted   text[];
+    ignored      text[];
+    d            record;
+    g4           record;
+    exc          ops.exceptions;
+    check_actor  text;
+    found_it     boolean;
+BEGIN
+    SELECT * INTO g FROM ops.release_gates WHERE gate_id = p_gate_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'gate % does not exist', p_gate_id USING ERRCODE = 'no_data_found';
+    END IF;
+    SELECT * INTO r FROM ops.releases WHERE release_id = g.release_id;
+    SELECT * INTO pol FROM ops.gate_policies WHERE gate_code = g.gate_code AND environment = r.environment_target;
+    IF NOT FOUND THEN
+        reqs := reqs || jsonb_build_object('requirement', 'policy', 'met', false,
+            'detail', format('no policy for %s in %s', g.gate_code, r.environment_target));
+        all_met := false;
+    END IF;
+
+    IF g.gate_code = 'G4' THEN
+        -- The latest deployment of the release to its target decides G4.
+        SELECT * INTO d FROM ops.deployments
+        WHERE release_id = r.release_id AND environment = r.environment_target
+          AND deployments.status IN ('succeeded', 'rolled_back')
+        ORDER BY deployed_at DESC, deployment_id
+        LIMIT 1;
+        IF NOT FOUND THEN
+            reqs := reqs || jsonb_build_object('requirement', 'health_check', 'met', false,
+                'detail', format('no succeeded %s deployment yet', r.environment_target));
+            all_met := false;
+        ELSE
+            any_fact := true;
+            SELECT * INTO g4 FROM ops.derive_g4(d.deployment_id, p_now);
+            reqs := reqs || jsonb_build_object('requirement', 'health_check', 'met', g4.g4_status = 'passed',
+                'detail', g4.detail, 'deployment_id', d.deployment_id);
+            all_met := all_met AND g4.g4_status = 'passed';
+            has_failure := g4.g4_status = 'failed';
+            -- Resolved by the health check that decided it (its source, e.g.
+            -- monitoring), or by the SLA running out: opsgate's verdict.
+            IF g4.g4_status IN ('passed', 'failed') THEN
+                SELECT c.source_system INTO actor
+                FROM ops.gate_checks c
+                WHERE c.gate_id = p_gate_id AND c.deployment_id = d.deployment_id
+                  AND c.observed_at = g4.g4_resolved_at AND c.status <> 'skipped'
+                ORDER BY (c.status = 'fail') DESC, c.check_name
+                LIMIT 1;
+                actor := coalesce(actor, 'opsgate');
+            END IF;
+        END IF;
+    ELSIF pol.gate_code IS NOT NULL THEN
+        -- Checks: the latest result per check name (a fail wins a tie).
+        SELECT coalesce(array_agg(l.check_name ORDER BY l.check_name) FILTER (WHERE l.status = 'fail'), '{}'),
+               coalesce(array_agg(l.check_name ORDER BY l.check_name) FILTER (WHERE l.status = 'skipped'), '{}'),
+               count(*) FILTER (WHERE l.status IN ('pass', 'warning')),
+               (array_agg(l.source_system ORDER BY l.observed_at DESC, l.check_name))[1]
+        INTO failing, skipped, passing, check_actor
+        FROM (
+            SELECT DISTINCT ON (c.check_name) c.check_name, c.status, c.observed_at, c.source_system
+            FROM ops.gate_checks c
+            WHERE c.gate_id = g.gate_id
+            ORDER BY c.check_name, c.observed_at DESC, (c.status = 'fail') DESC
+        ) l;
+        IF check_actor IS NOT NULL THEN
+            any_fact := true;
+            actor := check_actor;
+        END IF;
+        IF pol.min_passing_checks > 0 OR cardinality(failing) > 0 THEN
+            reqs := reqs || jsonb_build_object(
+                'requirement', 'checks',
+                'met', cardinality(failing) = 0 AND passing >= pol.min_passing_checks,
+                'detail', CASE
+                    WHEN cardinality(failing) > 0 THEN 'failing checks: ' || array_to_string(failing, ', ')
+                    WHEN passing < pol.min_passing_checks THEN
+                        format('%s passing check(s), %s required', passing, pol.min_passing_checks)
+                    ELSE format('%s check(s) passing', passing)
+                END
+                || CASE WHEN cardinality(skipped) > 0
+                        THEN ' (skipped, not counted: ' || array_to_string(skipped, ', ') || ')' ELSE '' END);
+            all_met := all_met AND cardinality(failing) = 0 AND passing >= pol.min_passing_checks;
+            has_failure := has_failure OR cardinality(failing) > 0;
+        END IF;
+
+        -- Required gates, evaluated now rather than read from stored state.
+        FOREACH req_code IN ARRAY pol.requires_gates LOOP
+            IF p_stored_requirements THEN
+                SELECT rg.status INTO req_status
+                FROM ops.release_gates rg
+                WHERE rg.release_id = r.release_id AND rg.gate_code = req_code;
+            ELSE
+                SELECT e.status INTO req_status
+                FROM ops.release_gates rg, ops.evaluate_gate(rg.gate_id, p_now) e
+                WHERE rg.release_id = r.release_id AND rg.gate_code = req_code;
+            END IF;
+            reqs := reqs || jsonb_build_object('requirement', 'gate:' || req_code,
+                'met', req_status IN ('passed', 'bypassed'),
+                'detail', format('%s is %s', ops.gate_label(req_code), coalesce(req_status::text, 'missing')));
+            all_met := all_met AND coalesce(req_status IN ('passed', 'bypassed'), false);
+        END LOOP;
+
+        -- Approvals: per role, the latest decision counts; with separation of
+        -- duties, approvals by the initiator or by a required gate's approver
+        -- do not count.
+        FOREACH v_role IN ARRAY pol.approver_roles LOOP
+            conflicted := ARRAY[]::text[];
+            IF pol.separation_of_duties THEN
+                SELECT array_agg(DISTINCT a.approver_id) INTO conflicted
+                FROM ops.approvals a
+                JOIN ops.release_gates rg ON rg.gate_id = a.gate_id
+                WHERE a.release_id = r.release_id AND a.decision = 'approved'
+                  AND rg.gate_code = ANY (pol.requires_gates);
+                conflicted := coalesce(conflicted, ARRAY[]::text[]) || r.initiating_actor;
+            END IF;
+
+            SELECT coalesce(array_agg(DISTINCT format('approval by %s ignored: %s (separation of duties)',
+                       a.approver_id,
+                       CASE WHEN a.approver_id = r.initiating_actor THEN 'they initiated the release'
+                            ELSE 'they approved a required gate' END)), '{}')
+            INTO ignored
+            FROM ops.approvals a
+            WHERE a.gate_id = g.gate_id AND a.persona_role = v_role AND a.decision = 'approved'
+              AND a.approver_id = ANY (conflicted);
+
+            SELECT a.approver_id, a.decision, a.decided_at INTO rec
+            FROM ops.approvals a
+            WHERE a.gate_id = g.gate_id AND a.persona_role = v_role
+              AND NOT (a.decision = 'approved' AND a.approver_id = ANY (conflicted))
+            ORDER BY a.decided_at DESC, (a.decision <> 'approved') DESC, a.approver_id
+            LIMIT 1;
+            found_it := FOUND;
+
+            IF found_it OR cardinality(ignored) > 0 THEN
+                any_fact := true;
+            END IF;
+            IF found_it AND rec.decision = 'approved' THEN
+                reqs := reqs || jsonb_build_object('requirement', 'approval:' || v_role, 'met', true,
+                    'detail', format('approved by %s', rec.approver_id));
+                actor := rec.approver_id;
+            ELSE
+                reqs := reqs || jsonb_build_object('requirement', 'approval:' || v_role, 'met', false,
+                    'detail', concat_ws('; ',
+                        CASE
+                            WHEN NOT found_it THEN format('missing approval: %s', v_role)
+                            WHEN rec.decision = 'rejected' THEN format('rejected by %s (%s)', rec.approver_id, v_role)
+                            ELSE format('changes requested by %s (%s)', rec.approver_id, v_role)
+                        END,
+                        nullif(array_to_string(ignored, '; '), '')));
+                all_met := false;
+                IF found_it AND rec.decision = 'rejected' THEN
+                    has_failure := true;
+                    actor := rec.approver_id;
+                END IF;
+            END IF;
+        END LOOP;
+
+        -- Evidence of the release (release-wide or on this gate).
+        IF cardinality(pol.evidence_any_of) > 0 THEN
+            PERFORM 1 FROM ops.evidence_artifacts ea
+            WHERE ea.release_id = r.release_id AND ea.artifact_type = ANY (pol.evidence_any_of);
+            reqs := reqs || jsonb_build_object('requirement', 'evidence:any', 'met', FOUND,
+                'detail', CASE WHEN FOUND THEN 'evidence present'
+                    ELSE 'missing evidence: one of ' || array_to_string(pol.evidence_any_of, ', ') END);
+            all_met := all_met AND FOUND;
+        END IF;
+        FOREACH art IN ARRAY pol.evidence_all_of LOOP
+            PERFORM 1 FROM ops.evidence_artifacts ea
+            WHERE ea.release_id = r.release_id AND ea.artifact_type = art;
+            reqs := reqs || jsonb_build_object('requirement', 'evidence:' || art, 'met', FOUND,
+                'detail', CASE WHEN FOUND THEN format('%s present', art) ELSE format('missing evidence: %s', art) END);
+            all_met := all_met AND FOUND;
+        END LOOP;
+        PERFORM 1 FROM ops.evidence_artifacts ea WHERE ea.gate_id = g.gate_id;
+        any_fact := any_fact OR FOUND;
+    END IF;
+
+    own_status := CASE
+        WHEN has_failure THEN 'failed'
+        WHEN all_met AND jsonb_array_length(reqs) > 0 THEN 'passed'
+        WHEN any_fact THEN 'in_progress'
+        ELSE 'pending'
+    END;
+    status := own_status;
+    resolved_by := CASE WHEN own_status IN ('passed', 'failed') THEN actor END;
+
+    IF own_status <> 'passed' THEN
+        exc := ops.bypassing_exception(r.release_id, g.gate_code, p_now);
+        IF exc.exception_id IS NOT NULL THEN
+            status := 'bypassed';
+            exception_id := exc.exception_id;
+            resolved_by := exc.approver_id;
+        END IF;
+    END IF;
+
+    explanation := jsonb_build_object(
+        'gate', g.gate_code,
+        'gate_name', g.gate_name,
+        'status', status,
+        'own_status', own_status,
+        'requirements', reqs,
+        'exception', CASE WHEN exception_id IS NOT NULL THEN jsonb_build_object(
+            'exception_id', exc.exception_id, 'approver_id', exc.approver_id,
+            'effective_from', exc.effective_from, 'expires_at', exc.expires_at) END
+    );
+    RETURN NEXT;
+END
+$$;

@@ -772,6 +772,39 @@ async fn a_health_check_from_before_the_deployment_does_not_confirm_g4() {
     assert_eq!(g4_of(&db, dep).await, "passed");
 }
 
+/// FR-2: a gate records who resolved it. G4 is resolved by the health check
+/// that decided it, or by opsgate when the SLA ran out, not by the deployer.
+#[tokio::test]
+async fn g4_is_resolved_by_its_health_check_or_by_the_sla() {
+    let db = TestDb::new().await;
+    let resolver = |release: Uuid| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<String>>(
+                "SELECT resolved_by FROM ops.release_gates WHERE release_id = $1 AND gate_code = 'G4'",
+            )
+            .bind(release)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let confirmed = release(&db).await;
+    let dep = seed::deployment(&db.pool, confirmed, "production", "succeeded", SHA, at(0)).await;
+    seed::health_check(&db.pool, confirmed, dep, "pass", at(5)).await;
+    assert_eq!(g4_of(&db, dep).await, "passed");
+    assert_eq!(resolver(confirmed).await.as_deref(), Some("monitoring"));
+
+    let overdue = release(&db).await;
+    let dep = seed::deployment(&db.pool, overdue, "production", "succeeded", SHA, at(0)).await;
+    assert_eq!(
+        g4_of(&db, dep).await,
+        "failed",
+        "deployed in the past, nothing passed"
+    );
+    assert_eq!(resolver(overdue).await.as_deref(), Some("opsgate"));
+}
+
 // --- Direct writes that must not move derived state (migration 0007) --------
 
 async fn g4_of(db: &TestDb, deployment: Uuid) -> String {
