@@ -219,3 +219,45 @@ async fn publish_exits_0_when_nobody_reads_its_output() {
     assert_eq!(queued.message_count(), 1);
     producer.finish().await;
 }
+
+/// A payload given beside a whole envelope would be silently ignored: it is
+/// a usage error instead. A payload from stdin that is not text says so.
+#[test]
+fn publish_refuses_a_payload_beside_an_envelope_and_names_stdin() {
+    let both = Command::new(env!("CARGO_BIN_EXE_opsgate"))
+        .arg("--config-dir")
+        .arg(config_dir())
+        .args(["publish", "--envelope", "{}", "--payload", r#"{"a": 1}"#])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run opsgate publish");
+    assert_eq!(both.status.code(), Some(64), "{both:?}");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_opsgate"))
+        .arg("--config-dir")
+        .arg(config_dir())
+        .args([
+            "publish",
+            "--event",
+            "check_result",
+            "--gate",
+            "G1",
+            "--payload",
+            "-",
+        ])
+        .args(["--release", &uuid::Uuid::new_v4().to_string()])
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run opsgate publish");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &[0xff, 0xfe]).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot read payload from standard input"),
+        "{stderr}"
+    );
+}

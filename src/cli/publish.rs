@@ -43,7 +43,7 @@ pub struct PublishArgs {
     #[arg(long, default_value = "{}")]
     payload: String,
     /// A whole envelope instead of the flags above: inline JSON, @file.json, or -.
-    #[arg(long, conflicts_with_all = ["event", "release", "gate", "key"])]
+    #[arg(long, conflicts_with_all = ["event", "release", "gate", "key", "payload"])]
     envelope: Option<String>,
     /// Wait for the worker's reply and print it.
     #[arg(long)]
@@ -62,7 +62,9 @@ fn read_json(argument: &str, what: &str) -> anyhow::Result<Value> {
 fn read_text(argument: &str, what: &str) -> anyhow::Result<String> {
     Ok(if argument == "-" {
         let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text)?;
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|error| anyhow::anyhow!("cannot read {what} from standard input: {error}"))?;
         text
     } else if let Some(path) = argument.strip_prefix('@') {
         std::fs::read_to_string(path)
