@@ -300,12 +300,13 @@ async fn release_gate_summary_counts_latest_checks_approvals_and_gate_evidence()
         summary("v0.9", "G1", "rolled_back", "passed", None, [1, 1, 0, 0], 0, 0, ci),
         summary("v0.9", "G2", "rolled_back", "passed", None, [0, 0, 0, 0], 1, 0, Some("qa-1")),
         summary("v0.9", "G3", "rolled_back", "passed", None, [0, 0, 0, 0], 1, 0, Some("rm-1")),
-        // One latest health check per deployment: the failed original and the rollback.
-        summary("v0.9", "G4", "rolled_back", "passed", None, [2, 1, 1, 0], 0, 0, Some("sre-1")),
+        // One latest health check per deployment: the failed original and the
+        // rollback. G4 is resolved by the health check's source, not the deployer.
+        summary("v0.9", "G4", "rolled_back", "passed", None, [2, 1, 1, 0], 0, 0, Some("monitoring")),
         summary("v1.0", "G1", "promoted", "passed", None, [2, 1, 0, 1], 0, 1, ci),
         summary("v1.0", "G2", "promoted", "passed", None, [0, 0, 0, 0], 1, 0, Some("qa-1")),
         summary("v1.0", "G3", "promoted", "passed", None, [0, 0, 0, 0], 1, 0, Some("rm-1")),
-        summary("v1.0", "G4", "promoted", "passed", None, [1, 1, 0, 0], 0, 0, Some("sre-1")),
+        summary("v1.0", "G4", "promoted", "passed", None, [1, 1, 0, 0], 0, 0, Some("monitoring")),
         // The later fail of unit_tests supersedes its earlier pass.
         summary("v1.1", "G1", "failed", "failed", None, [1, 0, 1, 0], 0, 0, ci),
         summary("v1.1", "G2", "failed", "failed", None, [0, 0, 0, 0], 1, 0, Some("qa-1")),
