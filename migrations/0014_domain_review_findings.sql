@@ -27,7 +27,11 @@ CREATE TRIGGER deployments_rollback_of_succeeded BEFORE INSERT OR UPDATE OF roll
 
 -- 2. G4 counts only health checks observed from the deployment on: one
 --    observed before deployed_at describes what ran before, and confirmed
---    the deployment as soon as it succeeded.
+--    the deployment as soon as it succeeded. And it needs every health
+--    check green, as the PRD says: the latest result of each check name
+--    counts, where the single latest result of any check used to decide (a
+--    failing error-rate check was passed over by a passing probe a minute
+--    later).
 CREATE OR REPLACE FUNCTION ops.derive_g4(p_deployment_id uuid, p_now timestamptz DEFAULT now())
 RETURNS TABLE (g4_status ops.ops_g4_status, g4_resolved_at timestamptz, detail text, deadline timestamptz)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -50,27 +54,38 @@ BEGIN
         RETURN;
     END IF;
 
-    -- The latest health check observed within the SLA (from deployed_at to
-    -- the deadline) decides; on a tie a fail wins, so the outcome does not
-    -- depend on arrival order. A check observed before the deployment
-    -- cannot confirm it.
-    SELECT c.status, c.observed_at, c.check_name INTO latest
-    FROM ops.gate_checks c
-    JOIN ops.release_gates g ON g.gate_id = c.gate_id AND g.gate_code = 'G4' AND g.release_id = d.release_id
-    WHERE c.deployment_id = d.deployment_id
-      AND c.status <> 'skipped'
-      AND c.observed_at >= d.deployed_at
-      AND c.observed_at <= deadline
-    ORDER BY c.observed_at DESC, (c.status = 'fail') DESC, c.check_name
-    LIMIT 1;
+    -- "Health checks green" (PRD): the latest result of each health check
+    -- observed within the SLA, from deployed_at to the deadline, counts; a
+    -- failing one fails G4, and G4 passes when all of them are green. On a
+    -- tie a fail wins, so the outcome does not depend on arrival order. A
+    -- check observed before the deployment cannot confirm it.
+    SELECT count(*) AS checks,
+           count(*) FILTER (WHERE l.status = 'fail') AS failing,
+           max(l.observed_at) AS last_at,
+           (array_agg(l.check_name ORDER BY l.observed_at DESC, l.check_name))[1] AS last_name,
+           max(l.observed_at) FILTER (WHERE l.status = 'fail') AS failed_at,
+           (array_agg(l.check_name ORDER BY l.observed_at DESC, l.check_name)
+                FILTER (WHERE l.status = 'fail'))[1] AS failed_name,
+           string_agg(l.check_name, ', ' ORDER BY l.check_name) AS names
+    INTO latest
+    FROM (
+        SELECT DISTINCT ON (c.check_name) c.check_name, c.status, c.observed_at
+        FROM ops.gate_checks c
+        JOIN ops.release_gates g ON g.gate_id = c.gate_id AND g.gate_code = 'G4' AND g.release_id = d.release_id
+        WHERE c.deployment_id = d.deployment_id
+          AND c.status <> 'skipped'
+          AND c.observed_at >= d.deployed_at
+          AND c.observed_at <= deadline
+        ORDER BY c.check_name, c.observed_at DESC, (c.status = 'fail') DESC
+    ) l;
 
-    IF FOUND AND latest.status IN ('pass', 'warning') THEN
-        RETURN QUERY SELECT 'passed'::ops.ops_g4_status, latest.observed_at,
-            format('health check %s passed at %s, within the %s min SLA', latest.check_name,
-                   latest.observed_at, pol.sla_minutes), deadline;
-    ELSIF FOUND THEN
-        RETURN QUERY SELECT 'failed'::ops.ops_g4_status, latest.observed_at,
-            format('health check %s failed at %s', latest.check_name, latest.observed_at), deadline;
+    IF latest.failing > 0 THEN
+        RETURN QUERY SELECT 'failed'::ops.ops_g4_status, latest.failed_at,
+            format('health check %s failed at %s', latest.failed_name, latest.failed_at), deadline;
+    ELSIF latest.checks > 0 THEN
+        RETURN QUERY SELECT 'passed'::ops.ops_g4_status, latest.last_at,
+            format('health checks green (%s), the last at %s, within the %s min SLA', latest.names,
+                   latest.last_at, pol.sla_minutes), deadline;
     ELSIF p_now >= deadline AND pol.overdue_action = 'fail' THEN
         RETURN QUERY SELECT 'failed'::ops.ops_g4_status, deadline,
             format('no passing health check within the %s min SLA (deadline %s)', pol.sla_minutes, deadline),

@@ -772,6 +772,42 @@ async fn a_health_check_from_before_the_deployment_does_not_confirm_g4() {
     assert_eq!(g4_of(&db, dep).await, "passed");
 }
 
+/// "Health checks green" (PRD): each health check's latest result counts,
+/// not only the latest result of any check.
+#[tokio::test]
+async fn g4_needs_every_health_check_green() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    // Deployed two minutes ago, so the SLA is still running.
+    let deployed_at = seed::now() - chrono::Duration::minutes(2);
+    let dep = seed::deployment(&db.pool, r, "production", "succeeded", SHA, deployed_at).await;
+    // Observed `tens` × 10 s after the deployment.
+    let report = |name: &'static str, status: &'static str, tens: i64| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO ops.gate_checks (gate_id, check_name, source_system, status, deployment_id, observed_at,
+                                              created_by)
+                 SELECT gate_id, $2, 'monitoring', $3::ops.ops_check_status, $4, $5, 'monitoring'
+                 FROM ops.release_gates WHERE release_id = $1 AND gate_code = 'G4'",
+            )
+            .bind(r)
+            .bind(name)
+            .bind(status)
+            .bind(dep)
+            .bind(deployed_at + chrono::Duration::seconds(10 * tens))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    report("error_rate", "fail", 1).await;
+    report("http_probe", "pass", 2).await;
+    assert_eq!(g4_of(&db, dep).await, "failed", "the error rate is still failing");
+    report("error_rate", "pass", 3).await;
+    assert_eq!(g4_of(&db, dep).await, "passed", "both green now");
+}
+
 /// FR-2: a gate records who resolved it. G4 is resolved by the health check
 /// that decided it, or by opsgate when the SLA ran out, not by the deployer.
 #[tokio::test]
