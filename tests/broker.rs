@@ -403,3 +403,31 @@ async fn the_dead_queue_keeps_a_dead_letter_however_often_it_is_read() {
     }
     harness.finish().await;
 }
+
+/// Starting a broker that answered and refused the login does not help: the
+/// error says what does.
+#[tokio::test]
+async fn a_refused_login_is_told_apart_from_a_broker_that_is_down() {
+    let mut refused = settings(&namespace(), 3);
+    // The test broker's URL with its password replaced.
+    let url = refused.url.expose().to_owned();
+    let (scheme, rest) = url.split_once("://").expect("scheme");
+    let (credentials, host) = rest.split_once('@').expect("credentials in the test URL");
+    let user = credentials.split(':').next().unwrap_or("guest");
+    refused.url = SecretUrl::new(format!("{scheme}://{user}:not-the-password@{host}"));
+    let message = broker::connect(&refused, "opsgate-test")
+        .await
+        .expect_err("a wrong password")
+        .to_string();
+    assert!(message.contains("refused the login"), "{message}");
+    assert!(!message.contains("docker compose"), "{message}");
+    assert!(!message.contains("not-the-password"), "{message}");
+
+    let mut down = settings(&namespace(), 3);
+    down.url = SecretUrl::new("amqp://guest:guest@127.0.0.1:1/%2f");
+    let message = broker::connect(&down, "opsgate-test")
+        .await
+        .expect_err("nothing listens on port 1")
+        .to_string();
+    assert!(message.contains("start it"), "{message}");
+}

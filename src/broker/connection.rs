@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use lapin::{Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties, ErrorKind};
 use tokio_util::sync::CancellationToken;
 
 use super::BrokerError;
@@ -19,6 +19,7 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, 
         Ok(connected) => connected.map_err(|source| BrokerError::Connect {
             address: settings.url.to_string(),
             name: name.to_owned(),
+            hint: connect_hint(&source),
             source,
         }),
         Err(_) => Err(BrokerError::ConnectTimeout {
@@ -26,6 +27,21 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, 
             name: name.to_owned(),
             seconds: settings.connect_timeout_secs,
         }),
+    }
+}
+
+/// A broker that answered and refused (a wrong password, an unknown vhost)
+/// is not helped by starting it.
+fn connect_hint(error: &lapin::Error) -> &'static str {
+    match error.kind() {
+        ErrorKind::ProtocolError(_) | ErrorKind::AuthProviderError(_) => {
+            "RabbitMQ refused the login: check the user, password and vhost in OPSGATE__AMQP__URL / \
+             AMQP_URL, and the user's permissions on the vhost"
+        }
+        _ => {
+            "start it (`docker compose up -d rabbitmq`, or your local server) or point \
+             OPSGATE__AMQP__URL / AMQP_URL at it"
+        }
     }
 }
 

@@ -26,14 +26,12 @@ pub(crate) async fn quietly<F: std::future::Future>(call: F) {
 /// the address or the exchange/queue involved.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error(
-        "cannot connect to RabbitMQ at {address} (connection {name:?}): {source}. Start it \
-         (`docker compose up -d rabbitmq`, or your local server) or point OPSGATE__AMQP__URL / \
-         AMQP_URL at it"
-    )]
+    #[error("cannot connect to RabbitMQ at {address} (connection {name:?}): {source}; {hint}")]
     Connect {
         address: String,
         name: String,
+        /// What to do about it, which depends on whether the broker answered.
+        hint: &'static str,
         #[source]
         source: lapin::Error,
     },
