@@ -9,25 +9,36 @@ use tokio_util::sync::CancellationToken;
 use super::BrokerError;
 use crate::config::AmqpSettings;
 
-/// One connection attempt, bounded by `amqp.connect_timeout_secs`. `name`
-/// shows up in the management UI, so operators can tell opsgate's
-/// connections (and which role) apart.
+/// One connection attempt of a short-lived command (`publish`, `setup`),
+/// bounded by `amqp.connect_timeout_secs`, so that a broker that accepts
+/// and never answers cannot hang a CI step. `name` shows up in the
+/// management UI, so operators can tell opsgate's connections apart.
+///
+/// Only for processes that exit soon after: lapin cannot abandon a
+/// handshake in progress, so each timed-out attempt leaves its I/O thread
+/// and socket behind until the peer answers or closes.
 pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, BrokerError> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let connecting = Connection::connect(settings.url.expose(), properties);
-    match tokio::time::timeout(settings.connect_timeout(), connecting).await {
-        Ok(connected) => connected.map_err(|source| BrokerError::Connect {
-            address: settings.url.to_string(),
-            name: name.to_owned(),
-            hint: connect_hint(&source),
-            source,
-        }),
+    match tokio::time::timeout(settings.connect_timeout(), connect_unbounded(settings, name)).await {
+        Ok(connected) => connected,
         Err(_) => Err(BrokerError::ConnectTimeout {
             address: settings.url.to_string(),
             name: name.to_owned(),
             seconds: settings.connect_timeout_secs,
         }),
     }
+}
+
+/// One connection attempt that waits for the handshake as long as it takes.
+async fn connect_unbounded(settings: &AmqpSettings, name: &str) -> Result<Connection, BrokerError> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(settings.url.expose(), properties)
+        .await
+        .map_err(|source| BrokerError::Connect {
+            address: settings.url.to_string(),
+            name: name.to_owned(),
+            hint: connect_hint(&source),
+            source,
+        })
 }
 
 /// A broker that answered and refused (a wrong password, an unknown vhost)
@@ -48,6 +59,8 @@ fn connect_hint(error: &lapin::Error) -> &'static str {
 /// Connects, retrying forever with exponential backoff and jitter between
 /// `reconnect_min_ms` and `reconnect_max_ms`, so a broker restart or a
 /// deploy-order race heals by itself. `None` only when `cancel` fires.
+/// An attempt is not timed out (see [`connect`]): a broker that accepted the
+/// connection and hangs completes the handshake once it answers again.
 pub async fn connect_with_retry(
     settings: &AmqpSettings,
     name: &str,
@@ -66,7 +79,7 @@ pub async fn connect_with_retry(
         attempt += 1;
         let result = tokio::select! {
             () = cancel.cancelled() => return None,
-            result = connect(settings, name) => result,
+            result = connect_unbounded(settings, name) => result,
         };
         let error = match result {
             Ok(connection) => {
