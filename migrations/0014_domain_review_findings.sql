@@ -360,3 +360,83 @@ BEGIN
     RETURN NEXT;
 END
 $$;
+
+-- 5. Eligibility for an environment beyond the release's target is refused:
+--    its gates were judged by its target's policies. The worker flagged such
+--    a production deployment, but CI's check (release eligible, the view)
+--    said eligible. ops.promotion_blockers as in 0011, but for that.
+CREATE OR REPLACE FUNCTION ops.promotion_blockers(p_release_id uuid, p_target_env text, p_now timestamptz DEFAULT now())
+RETURNS SETOF text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r         ops.releases;
+    needed    ops.ops_gate_code[];
+    ev        record;
+    code      ops.ops_gate_code;
+    unmet     text;
+BEGIN
+    IF p_target_env IS NULL OR p_target_env NOT IN ('dev', 'staging', 'production') THEN
+        RAISE EXCEPTION 'unknown target environment %: expected dev, staging or production', p_target_env
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO r FROM ops.releases WHERE release_id = p_release_id;
+    IF NOT FOUND THEN
+        RETURN NEXT format('release %s does not exist', p_release_id);
+        RETURN;
+    END IF;
+
+    -- A release's gates are judged by the policies of its own target: they
+    -- say nothing about an environment beyond it.
+    IF array_position(ARRAY['dev', 'staging', 'production'], p_target_env)
+       > array_position(ARRAY['dev', 'staging', 'production'], r.environment_target::text) THEN
+        RETURN NEXT format('the release targets %s: its gates were not judged for %s',
+                           r.environment_target, p_target_env);
+    END IF;
+
+    needed := CASE p_target_env
+        WHEN 'dev' THEN ARRAY['G1']::ops.ops_gate_code[]
+        WHEN 'staging' THEN ARRAY['G1', 'G2']::ops.ops_gate_code[]
+        ELSE ARRAY['G1', 'G2', 'G3']::ops.ops_gate_code[]
+    END;
+    -- Gates stored as passed, of a release whose gates are kept current,
+    -- would evaluate as passed again (see the head of this migration).
+    IF r.status IN ('promoted', 'rolled_back')
+       OR (SELECT count(*) FROM ops.release_gates g
+           WHERE g.release_id = p_release_id AND g.gate_code = ANY (needed) AND g.status = 'passed')
+          < cardinality(needed) THEN
+        FOREACH code IN ARRAY needed LOOP
+            SELECT e.* INTO ev
+            -- Each needed gate is evaluated now; a gate's own requirements are read
+            -- as stored, since every needed gate is checked here in its own right.
+            FROM ops.release_gates g, ops.evaluate_gate(g.gate_id, p_now, true) e
+            WHERE g.release_id = p_release_id AND g.gate_code = code;
+            IF NOT FOUND THEN
+                RETURN NEXT format('%s: gate missing', ops.gate_label(code));
+            ELSIF ev.status NOT IN ('passed', 'bypassed') THEN
+                SELECT string_agg(req ->> 'detail', '; ') INTO unmet
+                FROM jsonb_array_elements(ev.explanation -> 'requirements') req
+                WHERE NOT (req ->> 'met')::boolean;
+                RETURN NEXT format('%s is %s: %s', ops.gate_label(code), ev.status, coalesce(unmet, 'requirements not met'));
+            ELSIF ev.status = 'bypassed' AND NOT EXISTS (
+                SELECT 1 FROM ops.exceptions e WHERE e.exception_id = ev.exception_id AND ops.exception_active(e, p_now)
+            ) THEN
+                -- The gate stays bypassed on record for the promotion the
+                -- exception covered; a new promotion needs it active now.
+                RETURN NEXT format('%s was bypassed by exception %s, which is not active now', ops.gate_label(code),
+                                   ev.exception_id);
+            END IF;
+        END LOOP;
+    END IF;
+
+    -- Linear promotion: production only after the same source_ref succeeded in staging.
+    IF p_target_env = 'production' AND NOT EXISTS (
+        SELECT 1 FROM ops.deployments d
+        JOIN ops.releases dr ON dr.release_id = d.release_id
+        WHERE dr.project = r.project AND d.source_ref = r.source_ref
+          AND d.environment = 'staging' AND d.status = 'succeeded'
+    ) THEN
+        RETURN NEXT format('no succeeded staging deployment of %s (linear promotion)', r.source_ref);
+    END IF;
+END
+$$;

@@ -231,6 +231,9 @@ async fn eligible_answers_by_its_exit_code_when_nobody_reads_its_output() {
     seed::check(&db.pool, fresh, "G1", "unit_tests", "pass", at(1)).await;
     let status = opsgate_into_a_closed_pipe(&db, &["release", "eligible", "acme/odoo/v2.0", "--env", "dev"]);
     assert_eq!(status.code(), Some(0), "eligible for dev, whoever reads");
+    // `release show … | head -1` is not an error either.
+    let status = opsgate_into_a_closed_pipe(&db, &["release", "show", "acme/odoo/v2.0"]);
+    assert_eq!(status.code(), Some(0), "release show into a closed pipe");
 }
 
 /// An answer that could not be written is no answer (2), not "not
@@ -259,4 +262,31 @@ async fn eligible_exits_2_when_it_cannot_write_its_answer() {
             .expect("run opsgate");
         assert_eq!(status.code(), Some(2), "{format:?}");
     }
+}
+
+/// A release's gates are judged by its own target's policies: CI's check
+/// does not call it eligible for an environment beyond that target.
+#[tokio::test]
+async fn eligible_refuses_an_environment_beyond_the_releases_target() {
+    let db = TestDb::new().await;
+    let release: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO ops.releases (project, release_name, environment_target, source_ref, initiating_actor, created_by)
+         VALUES ('acme/odoo', 'v-dev', 'dev', 'sha-9', 'dev-1', 'dev-1') RETURNING release_id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    seed::check(&db.pool, release, "G1", "unit_tests", "pass", at(1)).await;
+    let dev = opsgate(&db, &["release", "eligible", "acme/odoo/v-dev", "--env", "dev"]);
+    assert_eq!(dev.status.code(), Some(0), "{dev:?}");
+    let staging = opsgate(
+        &db,
+        &["release", "eligible", "acme/odoo/v-dev", "--env", "staging"],
+    );
+    assert_eq!(staging.status.code(), Some(1), "{staging:?}");
+    assert!(
+        stdout(&staging).contains("the release targets dev: its gates were not judged for staging"),
+        "{}",
+        stdout(&staging)
+    );
 }

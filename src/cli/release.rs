@@ -53,7 +53,7 @@ pub async fn run(settings: &Settings, command: ReleaseCommand) -> anyhow::Result
             if args.json {
                 super::print_json(&release)?;
             } else {
-                println!(
+                out!(
                     "{}/{} ({})  target {}  source {}  status {}",
                     release.project,
                     release.release_name,
@@ -61,24 +61,24 @@ pub async fn run(settings: &Settings, command: ReleaseCommand) -> anyhow::Result
                     release.environment_target,
                     release.source_ref,
                     release.status
-                );
+                )?;
                 for gate in &release.gates {
-                    println!("  {} {:<38} {}", gate.gate_code, gate.gate_name, gate.status);
+                    out!("  {} {:<38} {}", gate.gate_code, gate.gate_name, gate.status)?;
                     for requirement in gate.explanation["requirements"].as_array().into_iter().flatten() {
                         let met = requirement["met"].as_bool().unwrap_or(false);
-                        println!(
+                        out!(
                             "      [{}] {}",
                             if met { "x" } else { " " },
                             requirement["detail"].as_str().unwrap_or_default()
-                        );
+                        )?;
                     }
                     if let Some(exception) = gate.explanation.get("exception").filter(|e| !e.is_null()) {
-                        println!(
+                        out!(
                             "      bypassed by exception {} (approved by {}, expires {})",
                             exception["exception_id"].as_str().unwrap_or_default(),
                             exception["approver_id"].as_str().unwrap_or_default(),
                             exception["expires_at"].as_str().unwrap_or_default()
-                        );
+                        )?;
                     }
                 }
             }

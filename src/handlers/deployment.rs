@@ -115,7 +115,6 @@ fn transition_allowed(from: &str, to: &str) -> bool {
 #[derive(sqlx::FromRow)]
 struct Before {
     release_source_ref: String,
-    release_target: String,
     release_id: Option<Uuid>,
     environment: Option<String>,
     status: Option<String>,
@@ -165,7 +164,7 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
     // Unlocked: two events of one release are serialized by the release
     // lock, and the status update below only applies to the status read here.
     let before: Before = sqlx::query_as(
-        "SELECT r.source_ref AS release_source_ref, r.environment_target::text AS release_target, d.release_id, d.environment::text AS environment,
+        "SELECT r.source_ref AS release_source_ref, d.release_id, d.environment::text AS environment,
                 d.status::text AS status, d.deployed_by, d.source_ref, d.deployed_at, d.rollback_of
          FROM ops.releases r LEFT JOIN ops.deployments d ON d.deployment_id = $2
          WHERE r.release_id = $1",
@@ -177,7 +176,6 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
     .db("read the release and the deployment")?
     .ok_or(HandlerError::UnknownRelease(envelope.release_id))?;
     let release_source_ref = before.release_source_ref.clone();
-    let release_target = before.release_target.clone();
     let existing = before.deployment();
     let deployment_id = event.deployment_id;
 
@@ -277,12 +275,6 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
         if deployed_ref != release_source_ref {
             blockers.push(format!(
                 "deployment {deployment_id} deploys {deployed_ref}, not the release's source_ref {release_source_ref}"
-            ));
-        }
-        // Its gates were judged by the policies of its own target.
-        if release_target != "production" {
-            blockers.push(format!(
-                "the release targets {release_target}: its gates were not judged for production"
             ));
         }
         blockers
