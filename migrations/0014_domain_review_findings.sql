@@ -56,24 +56,24 @@ BEGIN
 
     -- "Health checks green" (PRD): the latest result of each health check
     -- observed within the SLA, from deployed_at to the deadline, counts; a
-    -- failing one fails G4, and G4 passes when all of them are green. On a
-    -- tie a fail wins, so the outcome does not depend on arrival order. A
-    -- check observed before the deployment cannot confirm it.
-    SELECT count(*) AS checks,
+    -- failing one fails G4, and G4 passes when all of them are green. A
+    -- latest `skipped` neither counts nor blocks, as for G1-G3. On a tie a
+    -- fail wins, so the outcome does not depend on arrival order. A check
+    -- observed before the deployment cannot confirm it. (ops.evaluate_gate
+    -- finds the deciding check's source with the same choice.)
+    SELECT count(*) FILTER (WHERE l.status <> 'skipped') AS checks,
            count(*) FILTER (WHERE l.status = 'fail') AS failing,
-           max(l.observed_at) AS last_at,
-           (array_agg(l.check_name ORDER BY l.observed_at DESC, l.check_name))[1] AS last_name,
+           max(l.observed_at) FILTER (WHERE l.status <> 'skipped') AS last_at,
            max(l.observed_at) FILTER (WHERE l.status = 'fail') AS failed_at,
            (array_agg(l.check_name ORDER BY l.observed_at DESC, l.check_name)
                 FILTER (WHERE l.status = 'fail'))[1] AS failed_name,
-           string_agg(l.check_name, ', ' ORDER BY l.check_name) AS names
+           string_agg(l.check_name, ', ' ORDER BY l.check_name) FILTER (WHERE l.status <> 'skipped') AS names
     INTO latest
     FROM (
         SELECT DISTINCT ON (c.check_name) c.check_name, c.status, c.observed_at
         FROM ops.gate_checks c
         JOIN ops.release_gates g ON g.gate_id = c.gate_id AND g.gate_code = 'G4' AND g.release_id = d.release_id
         WHERE c.deployment_id = d.deployment_id
-          AND c.status <> 'skipped'
           AND c.observed_at >= d.deployed_at
           AND c.observed_at <= deadline
         ORDER BY c.check_name, c.observed_at DESC, (c.status = 'fail') DESC
@@ -194,12 +194,21 @@ BEGIN
             has_failure := g4.g4_status = 'failed';
             -- Resolved by the health check that decided it (its source, e.g.
             -- monitoring), or by the SLA running out: opsgate's verdict.
+            -- The same choice as ops.derive_g4: each check's latest result
+            -- within the SLA; the failing one, or the last to turn green.
             IF g4.g4_status IN ('passed', 'failed') THEN
-                SELECT c.source_system INTO actor
-                FROM ops.gate_checks c
-                WHERE c.gate_id = p_gate_id AND c.deployment_id = d.deployment_id
-                  AND c.observed_at = g4.g4_resolved_at AND c.status <> 'skipped'
-                ORDER BY (c.status = 'fail') DESC, c.check_name
+                SELECT l.source_system INTO actor
+                FROM (
+                    SELECT DISTINCT ON (c.check_name) c.check_name, c.status, c.observed_at, c.source_system
+                    FROM ops.gate_checks c
+                    WHERE c.gate_id = p_gate_id AND c.deployment_id = d.deployment_id
+                      AND c.observed_at >= d.deployed_at AND c.observed_at <= g4.deadline
+                    ORDER BY c.check_name, c.observed_at DESC, (c.status = 'fail') DESC
+                ) l
+                WHERE l.observed_at = g4.g4_resolved_at
+                  AND CASE WHEN g4.g4_status = 'failed' THEN l.status = 'fail'
+                           ELSE l.status IN ('pass', 'warning') END
+                ORDER BY l.check_name
                 LIMIT 1;
                 actor := coalesce(actor, 'opsgate');
             END IF;
@@ -440,3 +449,10 @@ BEGIN
     END IF;
 END
 $$;
+
+-- 6. Stored G4 state was derived by the rules before this migration: derive
+--    it again for every release with a deployment (and the release status
+--    with it), as a policy change would.
+SELECT ops.refresh_release(r.release_id, now(), ARRAY['G4']::ops.ops_gate_code[])
+FROM ops.releases r
+WHERE EXISTS (SELECT 1 FROM ops.deployments d WHERE d.release_id = r.release_id);

@@ -160,7 +160,11 @@ async fn settle(
         Err(HandlerError::Rejected { code, message }) => {
             (FailureStatus::Rejected, code, message, Next::DeadLetter)
         }
-        Err(error @ (HandlerError::UnknownRelease(_) | HandlerError::UnknownReference { .. })) => {
+        Err(
+            error @ (HandlerError::UnknownRelease(_)
+            | HandlerError::UnknownReference { .. }
+            | HandlerError::NotYet(_)),
+        ) => {
             if retries_left {
                 (
                     FailureStatus::Error,

@@ -806,6 +806,17 @@ async fn g4_needs_every_health_check_green() {
     assert_eq!(g4_of(&db, dep).await, "failed", "the error rate is still failing");
     report("error_rate", "pass", 3).await;
     assert_eq!(g4_of(&db, dep).await, "passed", "both green now");
+
+    // A latest `skipped` neither counts nor blocks, as for G1-G3: the check
+    // that failed and was then skipped no longer fails G4.
+    report("http_probe", "fail", 4).await;
+    assert_eq!(g4_of(&db, dep).await, "failed");
+    report("http_probe", "skipped", 5).await;
+    assert_eq!(
+        g4_of(&db, dep).await,
+        "passed",
+        "error_rate is green, http_probe skipped"
+    );
 }
 
 /// FR-2: a gate records who resolved it. G4 is resolved by the health check

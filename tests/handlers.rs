@@ -1720,6 +1720,17 @@ async fn only_a_deployment_that_succeeded_can_be_rolled_back() {
         .await
         .unwrap();
     assert_eq!(deployments, 1, "the disguised deployment was not recorded");
+
+    // A deployment still in progress may have its `succeeded` on the way:
+    // its rollback is retried, not refused.
+    let running = Uuid::new_v4();
+    deploy(&db, r, running, "production", "in_progress").await;
+    let early = json!({"deployment_id": Uuid::new_v4(), "environment": "production", "status": "succeeded",
+                       "deployed_by": "sre-2", "rollback_of": running});
+    match fails(&db, "deployment_event", r, None, early).await {
+        HandlerError::NotYet(message) => assert!(message.contains("is in_progress"), "{message}"),
+        other => panic!("expected a retry, got {other:?}"),
+    }
 }
 
 /// Eligibility is the release's, for its source_ref: a production
@@ -1911,7 +1922,7 @@ async fn deployment_steps_name_their_reporter_and_targets_are_kept() {
     )
     .await;
     let reporters: Vec<(String, String)> = sqlx::query_as(
-        "SELECT payload ->> 'deployed_by', payload ->> 'reported_by' FROM ops.environment_events
+        "SELECT payload ->> 'deployed_by', payload ->> 'actor' FROM ops.environment_events
          WHERE deployment_id = $1 ORDER BY created_at",
     )
     .bind(production)

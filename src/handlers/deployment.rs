@@ -211,6 +211,12 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
                     event.environment
                 )));
             }
+            // Its `succeeded` may still be on the way.
+            Some((_, _, status)) if status == "in_progress" => {
+                return Err(HandlerError::NotYet(format!(
+                    "rollback_of {target} is in_progress: only a deployment that succeeded can be rolled back"
+                )));
+            }
             Some((_, _, status)) if !["succeeded", "rolled_back"].contains(&status.as_str()) => {
                 return Err(HandlerError::conflict(format!(
                     "rollback_of {target} is {status}: only a deployment that succeeded can be rolled back"
@@ -376,7 +382,7 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
         "deployed_by": stored.deployed_by,
         // Who reported this step: a rollback or a failure is often reported
         // by someone other than the deployer.
-        "reported_by": event.deployed_by,
+        "actor": event.deployed_by,
         "source_ref": stored.source_ref,
         "deployed_at": stored.deployed_at,
         "rollback_of": stored.rollback_of,

@@ -34,6 +34,11 @@ pub enum HandlerError {
     /// A record the event refers to is not known yet (retried like a release).
     #[error("{kind} {id} is unknown")]
     UnknownReference { kind: &'static str, id: Uuid },
+    /// A record the event refers to is not in the state it needs yet, and
+    /// the event that moves it may still be on the way (retried like a
+    /// release).
+    #[error("{0}")]
+    NotYet(String),
     /// A database error; `ingest` decides whether it is transient.
     #[error("{action}: {source}")]
     Database {
