@@ -456,3 +456,27 @@ $$;
 SELECT ops.refresh_release(r.release_id, now(), ARRAY['G4']::ops.ops_gate_code[])
 FROM ops.releases r
 WHERE EXISTS (SELECT 1 FROM ops.deployments d WHERE d.release_id = r.release_id);
+
+-- 7. The same rule for whoever sets an exception's post_review_status
+--    directly (a release manager may): not the exception's approver, not
+--    the release's initiator. It runs as the writer, to know who writes;
+--    every role that may update the column may read both rows.
+CREATE FUNCTION ops.guard_exception_review_status() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    writer text := ops.acting_identity();
+BEGIN
+    IF writer = NEW.approver_id
+       OR writer = (SELECT r.initiating_actor FROM ops.releases r WHERE r.release_id = NEW.release_id) THEN
+        RAISE EXCEPTION 'exception % cannot be reviewed by %, who approved it or initiated the release (separation of duties)',
+            NEW.exception_id, writer
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION ops.guard_exception_review_status() FROM PUBLIC;
+CREATE TRIGGER exceptions_review_separation_of_duties BEFORE UPDATE OF post_review_status ON ops.exceptions
+    FOR EACH ROW WHEN (OLD.post_review_status IS DISTINCT FROM NEW.post_review_status)
+    EXECUTE FUNCTION ops.guard_exception_review_status();

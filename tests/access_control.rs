@@ -821,3 +821,41 @@ async fn the_worker_pool_connects_as_opsgate_worker() {
     assert_eq!(role, "opsgate_worker");
     pool.close().await;
 }
+
+/// A release manager may set an exception's post-review status directly,
+/// but not for an exception they approved (separation of duties), as
+/// through `exception_reviewed`.
+#[tokio::test]
+async fn a_release_manager_cannot_post_review_their_own_exception_directly() {
+    let db = TestDb::new().await;
+    let release = common::seed::release(&db.pool, "dev-1").await;
+    let exception = |approver: &str| {
+        let pool = db.pool.clone();
+        let approver = approver.to_owned();
+        async move {
+            sqlx::query_scalar::<_, uuid::Uuid>(
+                "INSERT INTO ops.exceptions (release_id, exception_type, impacted_gates, reason, risk_statement,
+                                             approver_id, expires_at, created_by)
+                 VALUES ($1, 'gate_bypass', '{G3}', 'hotfix', 'low', $2, now() + interval '1 hour', $2)
+                 RETURNING exception_id",
+            )
+            .bind(release)
+            .bind(approver)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    // Under SET ROLE, the acting identity is the role's name.
+    let own = exception("release_manager").await;
+    let other = exception("rm-1").await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let review = |id: uuid::Uuid| {
+        format!("UPDATE ops.exceptions SET post_review_status = 'complete' WHERE exception_id = '{id}'")
+    };
+    assert_eq!(
+        as_role(&mut conn, "release_manager", &review(own)).await,
+        Err("23514".into())
+    );
+    assert_eq!(as_role(&mut conn, "release_manager", &review(other)).await, Ok(1));
+}
