@@ -7,16 +7,21 @@ use std::process::{Command, Output};
 use common::seed::{self, at};
 use common::*;
 
-fn opsgate(db: &TestDb, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_opsgate"))
+/// `opsgate <args>` on the test's database.
+fn command(db: &TestDb, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_opsgate"));
+    command
         .arg("--config-dir")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
         .args(args)
         .env("OPSGATE__DATABASE__URL", db.settings.url.expose())
         .env_remove("DATABASE_URL")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run opsgate")
+        .env_remove("RUST_LOG");
+    command
+}
+
+fn opsgate(db: &TestDb, args: &[&str]) -> Output {
+    command(db, args).output().expect("run opsgate")
 }
 
 fn stdout(output: &Output) -> String {
@@ -200,13 +205,7 @@ async fn policy_apply_changes_what_a_gate_needs() {
 /// Runs `opsgate` with stdout on a pipe whose reader has gone, as in
 /// `opsgate release eligible … | true` under `set -o pipefail`.
 fn opsgate_into_a_closed_pipe(db: &TestDb, args: &[&str]) -> std::process::ExitStatus {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_opsgate"))
-        .arg("--config-dir")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
-        .args(args)
-        .env("OPSGATE__DATABASE__URL", db.settings.url.expose())
-        .env_remove("DATABASE_URL")
-        .env_remove("RUST_LOG")
+    let mut child = command(db, args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -248,14 +247,9 @@ async fn eligible_exits_2_when_it_cannot_write_its_answer() {
             .write(true)
             .open("/dev/full")
             .expect("open /dev/full");
-        let status = Command::new(env!("CARGO_BIN_EXE_opsgate"))
-            .arg("--config-dir")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
-            .args(["release", "eligible", "acme/odoo/v1.0", "--env", "dev"])
-            .args(format)
-            .env("OPSGATE__DATABASE__URL", db.settings.url.expose())
-            .env_remove("DATABASE_URL")
-            .env_remove("RUST_LOG")
+        let mut args = vec!["release", "eligible", "acme/odoo/v1.0", "--env", "dev"];
+        args.extend_from_slice(format);
+        let status = command(&db, &args)
             .stdout(full)
             .stderr(std::process::Stdio::null())
             .status()
