@@ -17,7 +17,7 @@ const ROLES: [&str; 7] = [
     "opsgate_worker",
 ];
 
-const TABLES: [&str; 13] = [
+const TABLES: [&str; 14] = [
     "releases",
     "release_gates",
     "gate_checks",
@@ -31,6 +31,7 @@ const TABLES: [&str; 13] = [
     "recovery_drills",
     "builds",
     "gate_policies",
+    "change_log",
 ];
 
 /// The permission matrix: for each role, the operations allowed on each
@@ -65,6 +66,7 @@ const MATRIX: [(&str, &[(&str, &str)]); 7] = [
             ("recovery_drills", "S"),
             ("builds", "S"),
             ("gate_policies", "S"),
+            ("change_log", "S"),
         ],
     ),
     (
@@ -101,6 +103,7 @@ const MATRIX: [(&str, &[(&str, &str)]); 7] = [
             ("recovery_drills", "S"),
             ("builds", "S"),
             ("gate_policies", "S"),
+            ("change_log", "S"),
         ],
     ),
     (
@@ -352,6 +355,8 @@ fn statement(seed: &Seed, table: &str, op: char) -> String {
                 s.other_release
             ),
             "gate_policies" => "INSERT INTO ops.gate_policies (gate_code, environment) VALUES ('G1', 'dev')".to_owned(),
+            "change_log" => "INSERT INTO ops.change_log (table_name, row_key, changes, changed_by)
+                             VALUES ('releases', 'forged', '{}', current_user)".to_owned(),
             other => panic!("no INSERT for {other}"),
         },
         'U' => {
@@ -369,6 +374,7 @@ fn statement(seed: &Seed, table: &str, op: char) -> String {
                 "recovery_drills" => "outcome",
                 "builds" => "branch",
                 "gate_policies" => "min_passing_checks",
+                "change_log" => "changed_by",
                 other => panic!("no UPDATE for {other}"),
             };
             let (key, value) = key_of(seed, table);
@@ -393,6 +399,7 @@ fn key_of(s: &Seed, table: &str) -> (&'static str, String) {
         "recovery_drills" => ("drill_id", s.sre_drill.to_string()),
         "builds" => ("build_id", s.build.to_string()),
         "gate_policies" => ("gate_code", "G1".to_owned()),
+        "change_log" => ("table_name", "release_gates".to_owned()),
         other => panic!("no key for {other}"),
     }
 }

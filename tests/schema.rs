@@ -7,9 +7,10 @@ use common::seed;
 use common::*;
 use sqlx::Row;
 
-const TABLES: [&str; 12] = [
+const TABLES: [&str; 13] = [
     "approvals",
     "builds",
+    "change_log",
     "deployments",
     "environment_events",
     "event_ingest_log",
@@ -466,6 +467,10 @@ async fn every_governance_table_records_provenance() {
             assert!(row.get::<bool, _>("has_created_by"), "{table}.created_by");
             continue;
         }
+        if table == "change_log" {
+            // Provenance itself: each entry's changed_at and changed_by.
+            continue;
+        }
         assert!(row.get::<bool, _>("has_created_at"), "{table}.created_at");
         assert!(row.get::<bool, _>("has_created_by"), "{table}.created_by");
     }
@@ -477,4 +482,101 @@ async fn every_governance_table_records_provenance() {
     .execute(&db.pool)
     .await;
     assert_eq!(sqlstate(nameless), NOT_NULL_VIOLATION);
+}
+
+// --- Change provenance (NR-7, migration 0015) ----------------------------------
+
+/// Every in-place change of a governance row is recorded: which columns from
+/// what to what, when, by whom, in which transaction. A gate's status change
+/// carries the explanation that says why.
+#[tokio::test]
+async fn changes_in_place_are_recorded_with_who_when_and_why() {
+    let db = TestDb::new().await;
+    let release = seed::release(&db.pool, "dev-1").await;
+    let check_xact: String = {
+        let mut tx = db.pool.begin().await.unwrap();
+        sqlx::query(
+            "INSERT INTO ops.gate_checks (gate_id, check_name, source_system, status, observed_at, created_by)
+             SELECT gate_id, 'unit_tests', 'github_actions', 'pass', $2, 'ci'
+             FROM ops.release_gates WHERE release_id = $1 AND gate_code = 'G1'",
+        )
+        .bind(release)
+        .bind(seed::at(1))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        let xact: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        xact
+    };
+    let g1: (serde_json::Value, String, String) = sqlx::query_as(
+        "SELECT l.changes, l.changed_by, l.transaction_id::text
+         FROM ops.change_log l JOIN ops.release_gates g ON g.gate_id::text = l.row_key
+         WHERE l.table_name = 'release_gates' AND l.release_id = $1 AND g.gate_code = 'G1'",
+    )
+    .bind(release)
+    .fetch_one(&db.pool)
+    .await
+    .expect("G1's change from pending to passed is recorded");
+    assert_eq!(
+        g1.0["status"],
+        serde_json::json!({"from": "pending", "to": "passed"})
+    );
+    assert!(g1.0["explanation"]["to"]["requirements"].is_array(), "{}", g1.0);
+    assert_eq!(g1.2, check_xact, "the transaction that wrote the fact");
+    assert!(!g1.1.is_empty());
+
+    // A release manager's direct write names the release manager.
+    sqlx::query("UPDATE ops.gate_policies SET min_passing_checks = 2 WHERE gate_code = 'G1' AND environment = 'production'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let policy: serde_json::Value = sqlx::query_scalar(
+        "SELECT changes FROM ops.change_log WHERE table_name = 'gate_policies' AND row_key = 'G1/production'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("the policy change is recorded");
+    assert_eq!(
+        policy["min_passing_checks"],
+        serde_json::json!({"from": 1, "to": 2})
+    );
+
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE release_manager")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE ops.release_gates SET status = 'failed' WHERE release_id = $1 AND gate_code = 'G2'")
+        .bind(release)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let by: String = sqlx::query_scalar(
+        "SELECT l.changed_by FROM ops.change_log l JOIN ops.release_gates g ON g.gate_id::text = l.row_key
+         WHERE g.release_id = $1 AND g.gate_code = 'G2' ORDER BY l.change_id DESC LIMIT 1",
+    )
+    .bind(release)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(by, "release_manager");
+}
+
+/// Nobody rewrites history, the owner included.
+#[tokio::test]
+async fn the_change_log_is_append_only() {
+    let db = TestDb::new().await;
+    let release = seed::release(&db.pool, "dev-1").await;
+    seed::check(&db.pool, release, "G1", "unit_tests", "pass", seed::at(1)).await;
+    let rewrite = sqlx::query("UPDATE ops.change_log SET changed_by = 'someone else'")
+        .execute(&db.pool)
+        .await;
+    assert_eq!(sqlstate(rewrite), "23001");
+    let erase = sqlx::query("DELETE FROM ops.change_log").execute(&db.pool).await;
+    assert_eq!(sqlstate(erase), "23001");
 }

@@ -921,3 +921,40 @@ async fn a_key_in_opsgates_own_namespace_is_rejected_with_400() {
     worker.stop().await;
     producer.finish().await;
 }
+
+/// An audit can go from a change of derived state to the event that caused
+/// it: the change's transaction is the one that wrote the event's ledger row.
+#[tokio::test]
+async fn a_gate_change_leads_back_to_the_event_that_caused_it() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+
+    let release = fresh_release();
+    let (created, _) = producer.request(&release_created(release, "v1")).await;
+    assert_eq!(created["status"], "accepted");
+    let check = check_for(release);
+    let (checked, _) = producer.request(&check).await;
+    assert_eq!(checked["status"], "accepted", "{checked}");
+
+    let causes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT l.idempotency_key, c.changed_by
+         FROM ops.change_log c
+         JOIN ops.release_gates g ON g.gate_id::text = c.row_key
+         JOIN ops.event_ingest_log l ON l.written_in_xact = c.transaction_id AND l.processing_status = 'accepted'
+         WHERE c.table_name = 'release_gates' AND c.release_id = $1 AND g.gate_code = 'G1'
+           AND c.changes -> 'status' ->> 'to' = 'passed'",
+    )
+    .bind(release)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        causes,
+        [(key_of(&check), "opsgate_worker".to_owned())],
+        "G1 passed in the transaction that accepted the check"
+    );
+    worker.stop().await;
+    producer.finish().await;
+}

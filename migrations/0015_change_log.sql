@@ -1,0 +1,118 @@
+-- NR-7 (constitution): governance-significant writes keep created_at,
+-- created_by and their change provenance, so that an audit can reconstruct
+-- a release decision from the database alone. Facts (checks, approvals,
+-- evidence, events, the ledger) are only ever inserted, but some rows change
+-- in place: derived gate and release status, a deployment's status and G4,
+-- an exception's review and expiry, an incident's resolution, a drill's
+-- outcome, an artifact's hash, a gate policy. Every such change is recorded
+-- in ops.change_log: which row, which columns from what to what (a gate's
+-- explanation with its status: why it changed), when, by whom and in which
+-- transaction. Nobody may change or delete an entry, and only the trigger
+-- below writes them.
+
+CREATE TABLE ops.change_log (
+    change_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    table_name     text NOT NULL,
+    -- The row's key: its id, or gate/environment for a policy.
+    row_key        text NOT NULL,
+    release_id     uuid,
+    -- {"column": {"from": old, "to": new}, ...}: the changed columns only.
+    changes        jsonb NOT NULL CHECK (jsonb_typeof(changes) = 'object'),
+    changed_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    changed_by     text NOT NULL CHECK (btrim(changed_by) <> ''),
+    transaction_id xid8 NOT NULL DEFAULT pg_current_xact_id()
+);
+CREATE INDEX change_log_release_idx ON ops.change_log (release_id, change_id) WHERE release_id IS NOT NULL;
+CREATE INDEX change_log_row_idx ON ops.change_log (table_name, row_key, change_id);
+
+-- Who is writing, seen from inside a SECURITY DEFINER function (where
+-- current_user is the owner): the role set with SET ROLE, else the login;
+-- behind PostgREST (Supabase), the JWT's subject, as ops.acting_identity.
+CREATE FUNCTION ops.writer_identity() RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(
+        CASE WHEN session_user = 'authenticator' THEN
+            nullif(nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub', '')
+        END,
+        nullif(current_setting('role'), 'none'),
+        session_user::text
+    )
+$$;
+REVOKE EXECUTE ON FUNCTION ops.writer_identity() FROM PUBLIC;
+
+-- AFTER UPDATE of a governance table. TG_ARGV[0] names the key column;
+-- further arguments name columns left out of the record.
+CREATE FUNCTION ops.record_change() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    old_row jsonb := to_jsonb(OLD);
+    new_row jsonb := to_jsonb(NEW);
+    diff    jsonb;
+BEGIN
+    SELECT jsonb_object_agg(n.key, jsonb_build_object('from', old_row -> n.key, 'to', n.value))
+    INTO diff
+    FROM jsonb_each(new_row) n
+    WHERE n.value IS DISTINCT FROM old_row -> n.key
+      AND n.key <> ALL (TG_ARGV[1:TG_NARGS - 1]);
+    IF diff IS NOT NULL THEN
+        INSERT INTO ops.change_log (table_name, row_key, release_id, changes, changed_by)
+        VALUES (TG_TABLE_NAME,
+                CASE WHEN TG_ARGV[0] = 'gate_code/environment'
+                     THEN (new_row ->> 'gate_code') || '/' || (new_row ->> 'environment')
+                     ELSE new_row ->> TG_ARGV[0] END,
+                (new_row ->> 'release_id')::uuid,
+                diff,
+                ops.writer_identity());
+    END IF;
+    RETURN NULL;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION ops.record_change() FROM PUBLIC;
+
+CREATE TRIGGER releases_change_log AFTER UPDATE ON ops.releases
+    FOR EACH ROW EXECUTE FUNCTION ops.record_change('release_id');
+-- A gate's explanation changes with every fact; it is recorded with a change
+-- of status, exception or resolver, which it explains.
+CREATE TRIGGER release_gates_change_log AFTER UPDATE ON ops.release_gates
+    FOR EACH ROW WHEN ((OLD.status, OLD.exception_id, OLD.resolved_by)
+                       IS DISTINCT FROM (NEW.status, NEW.exception_id, NEW.resolved_by))
+    EXECUTE FUNCTION ops.record_change('gate_id');
+CREATE TRIGGER deployments_change_log AFTER UPDATE ON ops.deployments
+    FOR EACH ROW EXECUTE FUNCTION ops.record_change('deployment_id');
+CREATE TRIGGER exceptions_change_log AFTER UPDATE ON ops.exceptions
+    FOR EACH ROW EXECUTE FUNCTION ops.record_change('exception_id');
+CREATE TRIGGER incidents_change_log AFTER UPDATE ON ops.incidents
+    FOR EACH ROW EXECUTE FUNCTION ops.record_change('incident_id');
+CREATE TRIGGER recovery_drills_change_log AFTER UPDATE ON ops.recovery_drills
+    FOR EACH ROW EXECUTE FUNCTION ops.record_change('drill_id');
+CREATE TRIGGER evidence_artifacts_change_log AFTER UPDATE ON ops.evidence_artifacts
+    FOR EACH ROW EXECUTE FUNCTION ops.record_change('artifact_id');
+CREATE TRIGGER gate_policies_change_log AFTER UPDATE ON ops.gate_policies
+    FOR EACH ROW EXECUTE FUNCTION ops.record_change('gate_code/environment');
+
+-- Append-only for every role, the owner included.
+CREATE FUNCTION ops.guard_change_log() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION 'ops.change_log is append-only: % of change % is not allowed', TG_OP, OLD.change_id
+        USING ERRCODE = 'restrict_violation';
+END
+$$;
+REVOKE EXECUTE ON FUNCTION ops.guard_change_log() FROM PUBLIC;
+CREATE TRIGGER change_log_append_only BEFORE UPDATE OR DELETE ON ops.change_log
+    FOR EACH ROW EXECUTE FUNCTION ops.guard_change_log();
+
+-- Read by those who read everything; written by the trigger alone.
+ALTER TABLE ops.change_log ENABLE ROW LEVEL SECURITY;
+ALTER TABLE ops.change_log FORCE ROW LEVEL SECURITY;
+DO $$
+BEGIN
+    EXECUTE format('CREATE POLICY owner_all ON ops.change_log TO %I USING (true) WITH CHECK (true)', current_user);
+END
+$$;
+CREATE POLICY read_all ON ops.change_log FOR SELECT TO release_manager, audit_reader USING (true);
+REVOKE ALL ON ops.change_log FROM PUBLIC;
+GRANT SELECT ON ops.change_log TO release_manager, audit_reader;
