@@ -565,6 +565,37 @@ async fn changes_in_place_are_recorded_with_who_when_and_why() {
     .await
     .unwrap();
     assert_eq!(by, "release_manager");
+
+    // A deployment's move, and the G4 state derived from it.
+    let deployment = seed::deployment(
+        &db.pool,
+        release,
+        "production",
+        "in_progress",
+        "abc123",
+        seed::at(0),
+    )
+    .await;
+    sqlx::query("UPDATE ops.deployments SET status = 'succeeded' WHERE deployment_id = $1")
+        .bind(deployment)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let moves: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT changes FROM ops.change_log WHERE table_name = 'deployments' AND row_key = $1::text ORDER BY change_id",
+    )
+    .bind(deployment)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        moves[0]["status"],
+        serde_json::json!({"from": "in_progress", "to": "succeeded"})
+    );
+    assert!(
+        moves.iter().any(|m| m["g4_status"]["to"] == "failed"),
+        "deployed long ago with no health check: G4 failed, recorded: {moves:?}"
+    );
 }
 
 /// Nobody rewrites history, the owner included.
