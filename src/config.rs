@@ -359,7 +359,41 @@ pub fn load_from(config_dir: &Path, env: &HashMap<String, String>) -> Result<Set
         })?;
     settings.stage = stage;
     settings.validate()?;
+    if stage == Stage::Production {
+        refuse_development_urls(config_dir, &settings)?;
+    }
     Ok(settings)
+}
+
+/// In production the URLs must be given: the defaults point at a local
+/// development server with well-known credentials, and a worker that
+/// silently used them would look healthy while recording nothing where it
+/// should.
+fn refuse_development_urls(config_dir: &Path, settings: &Settings) -> Result<(), ConfigError> {
+    let defaults = config::Config::builder()
+        .add_source(config::File::from(config_dir.join("default.toml")).required(true))
+        .build()
+        .map_err(|source| ConfigError::Load {
+            dir: config_dir.to_path_buf(),
+            source,
+        })?;
+    for (key, url, variables) in [
+        (
+            "database.url",
+            &settings.database.url,
+            "OPSGATE__DATABASE__URL or DATABASE_URL",
+        ),
+        ("amqp.url", &settings.amqp.url, "OPSGATE__AMQP__URL or AMQP_URL"),
+    ] {
+        if defaults.get_string(key).ok().as_deref() == Some(url.expose()) {
+            return Err(ConfigError::invalid(
+                key,
+                &url.to_string(),
+                &format!("is the development default, which production does not use: set {variables}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Settings {

@@ -77,9 +77,49 @@ fn conventional_urls_are_honoured_below_opsgate_variables() {
 
 #[test]
 fn odoo_stage_production_selects_the_production_layer() {
-    let settings = config::load_from(&config_dir(), &env(&[("ODOO_STAGE", "production")])).unwrap();
+    let settings = config::load_from(
+        &config_dir(),
+        &env(&[
+            ("ODOO_STAGE", "production"),
+            ("DATABASE_URL", "postgres://opsgate@db.internal:5432/opsgate"),
+            ("AMQP_URL", "amqp://opsgate:s3cret@mq.internal:5672/%2f"),
+        ]),
+    )
+    .unwrap();
     assert_eq!(settings.stage, Stage::Production);
     assert_eq!(settings.log.format, LogFormat::Json);
+}
+
+/// The defaults point at a local development server with well-known
+/// credentials: production must say where its services are.
+#[test]
+fn production_refuses_the_development_urls() {
+    let error = config::load_from(
+        &config_dir(),
+        &env(&[
+            ("ODOO_STAGE", "production"),
+            ("AMQP_URL", "amqp://opsgate:s3cret@mq.internal:5672/%2f"),
+        ]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("database.url"), "{error}");
+    assert!(error.contains("DATABASE_URL"), "{error}");
+
+    let error = config::load_from(
+        &config_dir(),
+        &env(&[
+            ("ODOO_STAGE", "production"),
+            ("DATABASE_URL", "postgres://opsgate@db.internal:5432/opsgate"),
+        ]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("amqp.url"), "{error}");
+    assert!(
+        !error.contains("guest:guest"),
+        "the password is redacted: {error}"
+    );
 }
 
 #[test]
