@@ -52,6 +52,12 @@ impl fmt::Display for ReleaseRef {
 pub enum ReleaseError {
     #[error("release {0} does not exist")]
     NotFound(ReleaseRef),
+    #[error("{release} names more than one release ({first}, {second}, ...): use the release id")]
+    Ambiguous {
+        release: ReleaseRef,
+        first: Uuid,
+        second: Uuid,
+    },
     #[error("unknown environment {0:?}: expected dev, staging or production")]
     UnknownEnvironment(String),
     #[error("failed to {action} for release {release}: {source}")]
@@ -109,12 +115,40 @@ pub async fn resolve(pool: &PgPool, release: &ReleaseRef) -> Result<Uuid, Releas
             project,
             release_name,
         } => {
-            sqlx::query_scalar("SELECT release_id FROM ops.releases WHERE project = $1 AND release_name = $2")
-                .bind(project)
-                .bind(release_name)
-                .fetch_optional(pool)
-                .await
-                .map_err(query_error)?
+            let exact: Option<Uuid> = sqlx::query_scalar(
+                "SELECT release_id FROM ops.releases WHERE project = $1 AND release_name = $2",
+            )
+            .bind(project)
+            .bind(release_name)
+            .fetch_optional(pool)
+            .await
+            .map_err(query_error)?;
+            match exact {
+                Some(id) => Some(id),
+                // The name itself may hold slashes (`hotfix/login`): the
+                // split at the last one is only the likeliest reading.
+                None => {
+                    let matches: Vec<Uuid> = sqlx::query_scalar(
+                        "SELECT release_id FROM ops.releases WHERE project || '/' || release_name = $1
+                         ORDER BY release_id LIMIT 2",
+                    )
+                    .bind(release.to_string())
+                    .fetch_all(pool)
+                    .await
+                    .map_err(query_error)?;
+                    match matches.as_slice() {
+                        [] => None,
+                        [only] => Some(*only),
+                        [first, second, ..] => {
+                            return Err(ReleaseError::Ambiguous {
+                                release: release.clone(),
+                                first: *first,
+                                second: *second,
+                            });
+                        }
+                    }
+                }
+            }
         }
     };
     found.ok_or_else(|| ReleaseError::NotFound(release.clone()))

@@ -284,3 +284,33 @@ async fn eligible_refuses_an_environment_beyond_the_releases_target() {
         stdout(&staging)
     );
 }
+
+/// A release name may hold slashes (`hotfix/login`): `<project>/<name>`
+/// still finds it, and a reference two releases could mean is refused.
+#[tokio::test]
+async fn a_release_name_with_slashes_is_found_and_an_ambiguous_one_refused() {
+    let db = TestDb::new().await;
+    let create = |project: &'static str, name: &'static str| {
+        let pool = db.pool.clone();
+        async move { seed::release_named(&pool, project, name, "dev-1", "sha-1").await }
+    };
+    let hotfix = create("acme/odoo", "hotfix/login").await;
+    let shown = opsgate(&db, &["release", "show", "acme/odoo/hotfix/login", "--json"]);
+    assert_eq!(shown.status.code(), Some(0), "{shown:?}");
+    let release: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(release["release_id"], hotfix.to_string());
+
+    create("acme", "odoo/v1").await;
+    create("acme/odoo", "v1").await; // found exactly, by the split at the last slash
+    let exact = opsgate(&db, &["release", "eligible", "acme/odoo/v1", "--env", "dev"]);
+    assert_ne!(exact.status.code(), Some(2), "{exact:?}");
+
+    create("acme/x", "y/z").await;
+    create("acme", "x/y/z").await;
+    let ambiguous = opsgate(&db, &["release", "eligible", "acme/x/y/z", "--env", "dev"]);
+    assert_eq!(ambiguous.status.code(), Some(2), "{ambiguous:?}");
+    assert!(
+        String::from_utf8_lossy(&ambiguous.stderr).contains("names more than one release"),
+        "{ambiguous:?}"
+    );
+}
