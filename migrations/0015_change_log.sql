@@ -19,11 +19,16 @@ CREATE TABLE ops.change_log (
     -- {"column": {"from": old, "to": new}, ...}: the changed columns only.
     changes        jsonb NOT NULL CHECK (jsonb_typeof(changes) = 'object'),
     changed_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- The writer: the role set with SET ROLE (e.g. release_manager,
+    -- opsgate_worker), else the login; and the login itself, which tells
+    -- apart people who act through one role.
     changed_by     text NOT NULL CHECK (btrim(changed_by) <> ''),
+    login          text NOT NULL DEFAULT session_user,
     transaction_id xid8 NOT NULL DEFAULT pg_current_xact_id()
 );
 -- A row's history: by release for the rows of a release (most, and the
--- busiest), by key for the rest (policies, drills). One index per entry.
+-- busiest), by key for the rest (policies, drills). Each entry goes into
+-- one of them besides the primary key.
 CREATE INDEX change_log_release_idx ON ops.change_log (release_id, change_id) WHERE release_id IS NOT NULL;
 CREATE INDEX change_log_row_idx ON ops.change_log (table_name, row_key, change_id) WHERE release_id IS NULL;
 
@@ -106,6 +111,8 @@ BEGIN
              || ops.change_of('resolved_at', OLD.resolved_at, NEW.resolved_at)
              || ops.change_of('release_id', OLD.release_id, NEW.release_id)
              || ops.change_of('gate_code', OLD.gate_code, NEW.gate_code)
+             || ops.change_of('created_at', OLD.created_at, NEW.created_at)
+             || ops.change_of('created_by', OLD.created_by, NEW.created_by)
              || jsonb_build_object('explanation', jsonb_build_object('to', NEW.explanation));
         row_key := NEW.gate_id::text;
         release := NEW.release_id;
@@ -151,10 +158,14 @@ REVOKE EXECUTE ON FUNCTION ops.record_hot_change() FROM PUBLIC;
 CREATE TRIGGER releases_change_log AFTER UPDATE ON ops.releases
     FOR EACH ROW EXECUTE FUNCTION ops.record_hot_change();
 -- A gate's explanation changes with every fact; it is recorded with a change
--- of status, exception or resolver, which it explains.
+-- of any other column (status, exception, resolver above all), which it
+-- explains.
 CREATE TRIGGER release_gates_change_log AFTER UPDATE ON ops.release_gates
-    FOR EACH ROW WHEN ((OLD.status, OLD.exception_id, OLD.resolved_by)
-                       IS DISTINCT FROM (NEW.status, NEW.exception_id, NEW.resolved_by))
+    FOR EACH ROW WHEN ((OLD.status, OLD.exception_id, OLD.resolved_by, OLD.entered_at, OLD.resolved_at,
+                        OLD.release_id, OLD.gate_code, OLD.created_at, OLD.created_by)
+                       IS DISTINCT FROM (NEW.status, NEW.exception_id, NEW.resolved_by, NEW.entered_at,
+                                         NEW.resolved_at, NEW.release_id, NEW.gate_code, NEW.created_at,
+                                         NEW.created_by))
     EXECUTE FUNCTION ops.record_hot_change();
 CREATE TRIGGER deployments_change_log AFTER UPDATE ON ops.deployments
     FOR EACH ROW EXECUTE FUNCTION ops.record_hot_change();
@@ -169,18 +180,31 @@ CREATE TRIGGER evidence_artifacts_change_log AFTER UPDATE ON ops.evidence_artifa
 CREATE TRIGGER gate_policies_change_log AFTER UPDATE ON ops.gate_policies
     FOR EACH ROW EXECUTE FUNCTION ops.record_change('gate_code/environment');
 
--- Append-only for every role, the owner included.
-CREATE FUNCTION ops.guard_change_log() RETURNS trigger
+-- Append-only for every role, the owner included: no UPDATE, DELETE or
+-- TRUNCATE, and an entry is written only from the triggers above (nested in
+-- the UPDATE they record), with its time, transaction and login set here.
+CREATE TRIGGER change_log_append_only BEFORE UPDATE OR DELETE ON ops.change_log
+    FOR EACH ROW EXECUTE FUNCTION ops.reject_modification();
+CREATE TRIGGER change_log_no_truncate BEFORE TRUNCATE ON ops.change_log
+    FOR EACH STATEMENT EXECUTE FUNCTION ops.reject_modification();
+
+CREATE FUNCTION ops.guard_change_log_insert() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    RAISE EXCEPTION 'ops.change_log is append-only: % of change % is not allowed', TG_OP, OLD.change_id
-        USING ERRCODE = 'restrict_violation';
+    IF pg_trigger_depth() < 2 THEN
+        RAISE EXCEPTION 'ops.change_log is written only by the triggers that record changes'
+            USING ERRCODE = 'restrict_violation';
+    END IF;
+    NEW.changed_at := clock_timestamp();
+    NEW.transaction_id := pg_current_xact_id();
+    NEW.login := session_user;
+    RETURN NEW;
 END
 $$;
-REVOKE EXECUTE ON FUNCTION ops.guard_change_log() FROM PUBLIC;
-CREATE TRIGGER change_log_append_only BEFORE UPDATE OR DELETE ON ops.change_log
-    FOR EACH ROW EXECUTE FUNCTION ops.guard_change_log();
+REVOKE EXECUTE ON FUNCTION ops.guard_change_log_insert() FROM PUBLIC;
+CREATE TRIGGER change_log_written_by_triggers BEFORE INSERT ON ops.change_log
+    FOR EACH ROW EXECUTE FUNCTION ops.guard_change_log_insert();
 
 -- Read by those who read everything; written by the trigger alone.
 ALTER TABLE ops.change_log ENABLE ROW LEVEL SECURITY;

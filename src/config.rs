@@ -142,10 +142,20 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
+/// Which URLs were given by a layer above `default.toml`: a variable, or
+/// the stage file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UrlsGiven {
+    pub database: bool,
+    pub amqp: bool,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
     #[serde(skip, default = "default_stage")]
     pub stage: Stage,
+    #[serde(skip)]
+    pub urls_given: UrlsGiven,
     pub database: DatabaseSettings,
     pub amqp: AmqpSettings,
     pub log: LogSettings,
@@ -359,44 +369,61 @@ pub fn load_from(config_dir: &Path, env: &HashMap<String, String>) -> Result<Set
         })?;
     settings.stage = stage;
     settings.validate()?;
-    if stage == Stage::Production {
-        refuse_development_urls(config_dir, &settings)?;
-    }
+    // Which URLs a layer above default.toml gives: a variable, or the stage
+    // file (read alone).
+    let stage_layer = config::Config::builder()
+        .add_source(config::File::from(config_dir.join(format!("{}.toml", stage.as_str()))).required(false))
+        .build()
+        .map_err(load_error)?;
+    let given = |key: &str, explicit: &str, conventional: &str| {
+        env.contains_key(explicit) || env.contains_key(conventional) || stage_layer.get_string(key).is_ok()
+    };
+    settings.urls_given = UrlsGiven {
+        database: given("database.url", "OPSGATE__DATABASE__URL", "DATABASE_URL"),
+        amqp: given("amqp.url", "OPSGATE__AMQP__URL", "AMQP_URL"),
+    };
     Ok(settings)
 }
 
-/// In production the URLs must be given: the defaults point at a local
-/// development server with well-known credentials, and a worker that
-/// silently used them would look healthy while recording nothing where it
-/// should.
-fn refuse_development_urls(config_dir: &Path, settings: &Settings) -> Result<(), ConfigError> {
-    let defaults = config::Config::builder()
-        .add_source(config::File::from(config_dir.join("default.toml")).required(true))
-        .build()
-        .map_err(|source| ConfigError::Load {
-            dir: config_dir.to_path_buf(),
-            source,
-        })?;
-    for (key, url, variables) in [
-        (
-            "database.url",
-            &settings.database.url,
-            "OPSGATE__DATABASE__URL or DATABASE_URL",
-        ),
-        ("amqp.url", &settings.amqp.url, "OPSGATE__AMQP__URL or AMQP_URL"),
-    ] {
-        if defaults.get_string(key).ok().as_deref() == Some(url.expose()) {
-            return Err(ConfigError::invalid(
-                key,
-                &url.to_string(),
-                &format!("is the development default, which production does not use: set {variables}"),
-            ));
-        }
-    }
-    Ok(())
-}
-
 impl Settings {
+    /// In production, the URLs a command uses must be given: the defaults of
+    /// `default.toml` point at a local development server with well-known
+    /// credentials, and a worker that silently used them would look healthy
+    /// while recording nothing where it should.
+    pub fn require_given_urls(&self, database: bool, amqp: bool) -> Result<(), ConfigError> {
+        if self.stage != Stage::Production {
+            return Ok(());
+        }
+        for (needed, given, key, url, variables) in [
+            (
+                database,
+                self.urls_given.database,
+                "database.url",
+                &self.database.url,
+                "OPSGATE__DATABASE__URL or DATABASE_URL",
+            ),
+            (
+                amqp,
+                self.urls_given.amqp,
+                "amqp.url",
+                &self.amqp.url,
+                "OPSGATE__AMQP__URL or AMQP_URL",
+            ),
+        ] {
+            if needed && !given {
+                return Err(ConfigError::invalid(
+                    key,
+                    &url.to_string(),
+                    &format!(
+                        "is the development default of default.toml, which production does not use: \
+                         set {variables}, or {key} in config/production.toml"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         check_url("database.url", &self.database.url, &["postgres", "postgresql"])?;
         check_url("amqp.url", &self.amqp.url, &["amqp", "amqps"])?;

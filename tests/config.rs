@@ -91,35 +91,77 @@ fn odoo_stage_production_selects_the_production_layer() {
 }
 
 /// The defaults point at a local development server with well-known
-/// credentials: production must say where its services are.
+/// credentials: in production, the URLs a command uses must be given, by a
+/// variable or by the stage file.
 #[test]
-fn production_refuses_the_development_urls() {
-    let error = config::load_from(
+fn production_needs_the_urls_it_uses_given() {
+    let amqp_only = config::load_from(
         &config_dir(),
         &env(&[
             ("ODOO_STAGE", "production"),
             ("AMQP_URL", "amqp://opsgate:s3cret@mq.internal:5672/%2f"),
         ]),
     )
-    .unwrap_err()
-    .to_string();
+    .unwrap();
+    // A publish needs only RabbitMQ.
+    amqp_only.require_given_urls(false, true).unwrap();
+    let error = amqp_only.require_given_urls(true, true).unwrap_err().to_string();
     assert!(error.contains("database.url"), "{error}");
     assert!(error.contains("DATABASE_URL"), "{error}");
 
-    let error = config::load_from(
+    let database_only = config::load_from(
         &config_dir(),
         &env(&[
             ("ODOO_STAGE", "production"),
             ("DATABASE_URL", "postgres://opsgate@db.internal:5432/opsgate"),
         ]),
     )
-    .unwrap_err()
-    .to_string();
+    .unwrap();
+    database_only.require_given_urls(true, false).unwrap();
+    let error = database_only
+        .require_given_urls(true, true)
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("amqp.url"), "{error}");
     assert!(
         !error.contains("guest:guest"),
         "the password is redacted: {error}"
     );
+
+    // Given explicitly, even with the default's value, it is the operator's choice.
+    let explicit = config::load_from(
+        &config_dir(),
+        &env(&[
+            ("ODOO_STAGE", "production"),
+            (
+                "OPSGATE__DATABASE__URL",
+                "postgres://postgres@127.0.0.1:5432/opsgate",
+            ),
+            ("OPSGATE__AMQP__URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+        ]),
+    )
+    .unwrap();
+    explicit.require_given_urls(true, true).unwrap();
+
+    // The stage file may give them too.
+    let dir = std::env::temp_dir().join(format!("opsgate-config-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(config_dir().join("default.toml"), dir.join("default.toml")).unwrap();
+    std::fs::write(
+        dir.join("production.toml"),
+        "[database]\nurl = \"postgres://opsgate@db.internal:5432/opsgate\"\n",
+    )
+    .unwrap();
+    let from_file = config::load_from(&dir, &env(&[("ODOO_STAGE", "production")])).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    from_file.require_given_urls(true, false).unwrap();
+    assert!(from_file.require_given_urls(false, true).is_err());
+
+    // Outside production the defaults are fine.
+    config::load_from(&config_dir(), &env(&[]))
+        .unwrap()
+        .require_given_urls(true, true)
+        .unwrap();
 }
 
 #[test]

@@ -610,4 +610,19 @@ async fn the_change_log_is_append_only() {
     assert_eq!(sqlstate(rewrite), "23001");
     let erase = sqlx::query("DELETE FROM ops.change_log").execute(&db.pool).await;
     assert_eq!(sqlstate(erase), "23001");
+    let wipe = sqlx::query("TRUNCATE ops.change_log").execute(&db.pool).await;
+    assert_eq!(sqlstate(wipe), "23001");
+    // Only the recording triggers write entries, the owner's hand included.
+    let forged = sqlx::query(
+        "INSERT INTO ops.change_log (table_name, row_key, changes, changed_by)
+         VALUES ('releases', 'forged', '{}', 'someone')",
+    )
+    .execute(&db.pool)
+    .await;
+    assert_eq!(sqlstate(forged), "23001");
+    let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.change_log WHERE login = session_user")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(entries > 0, "each entry names the login that wrote it");
 }

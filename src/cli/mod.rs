@@ -61,7 +61,16 @@ pub enum Command {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let settings = match config::load(&cli.config_dir) {
+    // The services each command talks to: in production their URLs must be given.
+    let (database, amqp) = match &cli.command {
+        Command::Worker => (true, true),
+        Command::Publish(_) | Command::Setup => (false, true),
+        Command::Migrate | Command::Release(_) | Command::Sweep(_) | Command::Policy(_) => (true, false),
+        Command::Config => (false, false),
+    };
+    let loaded = config::load(&cli.config_dir)
+        .and_then(|settings| settings.require_given_urls(database, amqp).map(|()| settings));
+    let settings = match loaded {
         Ok(settings) => settings,
         // A promotion check that cannot read its settings could not decide:
         // exit 1 would read as "not eligible".
