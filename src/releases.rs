@@ -52,7 +52,7 @@ impl fmt::Display for ReleaseRef {
 pub enum ReleaseError {
     #[error("release {0} does not exist")]
     NotFound(ReleaseRef),
-    #[error("{release} names more than one release ({first}, {second}, ...): use the release id")]
+    #[error("{release} names more than one release (among them {first} and {second}): use the release id")]
     Ambiguous {
         release: ReleaseRef,
         first: Uuid,
@@ -111,42 +111,36 @@ pub async fn resolve(pool: &PgPool, release: &ReleaseRef) -> Result<Uuid, Releas
             .fetch_optional(pool)
             .await
             .map_err(query_error)?,
-        ReleaseRef::Name {
-            project,
-            release_name,
-        } => {
-            let exact: Option<Uuid> = sqlx::query_scalar(
-                "SELECT release_id FROM ops.releases WHERE project = $1 AND release_name = $2",
+        ReleaseRef::Name { .. } => {
+            // Project and name may both hold slashes (`acme/odoo` and
+            // `hotfix/login`): every split of the text is a reading, each
+            // looked up by the (project, release_name) key.
+            let text = release.to_string();
+            let (projects, names): (Vec<&str>, Vec<&str>) = text
+                .match_indices('/')
+                .map(|(at, _)| (&text[..at], &text[at + 1..]))
+                .filter(|(project, name)| !project.is_empty() && !name.is_empty())
+                .unzip();
+            let matches: Vec<Uuid> = sqlx::query_scalar(
+                "SELECT r.release_id
+                 FROM unnest($1::text[], $2::text[]) AS reading (project, release_name)
+                 JOIN ops.releases r USING (project, release_name)
+                 ORDER BY r.release_id LIMIT 2",
             )
-            .bind(project)
-            .bind(release_name)
-            .fetch_optional(pool)
+            .bind(&projects)
+            .bind(&names)
+            .fetch_all(pool)
             .await
             .map_err(query_error)?;
-            match exact {
-                Some(id) => Some(id),
-                // The name itself may hold slashes (`hotfix/login`): the
-                // split at the last one is only the likeliest reading.
-                None => {
-                    let matches: Vec<Uuid> = sqlx::query_scalar(
-                        "SELECT release_id FROM ops.releases WHERE project || '/' || release_name = $1
-                         ORDER BY release_id LIMIT 2",
-                    )
-                    .bind(release.to_string())
-                    .fetch_all(pool)
-                    .await
-                    .map_err(query_error)?;
-                    match matches.as_slice() {
-                        [] => None,
-                        [only] => Some(*only),
-                        [first, second, ..] => {
-                            return Err(ReleaseError::Ambiguous {
-                                release: release.clone(),
-                                first: *first,
-                                second: *second,
-                            });
-                        }
-                    }
+            match matches.as_slice() {
+                [] => None,
+                [only] => Some(*only),
+                [first, second, ..] => {
+                    return Err(ReleaseError::Ambiguous {
+                        release: release.clone(),
+                        first: *first,
+                        second: *second,
+                    });
                 }
             }
         }
