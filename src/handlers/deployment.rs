@@ -77,27 +77,27 @@ fn default_health_check() -> String {
 
 /// Fails unless `deployment_id` is a deployment of `release_id`:
 /// UnknownReference when there is no such deployment, a 409 when it belongs
-/// to another release.
+/// to another release. Returns the deployment's environment.
 pub(crate) async fn deployment_of_release(
     conn: &mut PgConnection,
     release_id: Uuid,
     deployment_id: Uuid,
-) -> Result<(), HandlerError> {
-    let owner: Option<Uuid> =
-        sqlx::query_scalar("SELECT release_id FROM ops.deployments WHERE deployment_id = $1")
+) -> Result<String, HandlerError> {
+    let found: Option<(Uuid, String)> =
+        sqlx::query_as("SELECT release_id, environment::text FROM ops.deployments WHERE deployment_id = $1")
             .bind(deployment_id)
             .fetch_optional(conn)
             .await
             .db("look up the deployment")?;
-    match owner {
+    match found {
         None => Err(HandlerError::UnknownReference {
             kind: "deployment",
             id: deployment_id,
         }),
-        Some(owner) if owner != release_id => Err(HandlerError::conflict(format!(
+        Some((owner, _)) if owner != release_id => Err(HandlerError::conflict(format!(
             "deployment {deployment_id} belongs to release {owner}, not to release {release_id}"
         ))),
-        Some(_) => Ok(()),
+        Some((_, environment)) => Ok(environment),
     }
 }
 

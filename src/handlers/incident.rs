@@ -113,15 +113,10 @@ pub async fn incident_opened(conn: &mut PgConnection, envelope: &Envelope) -> Re
     existing_release(conn, envelope.release_id).await?;
     let mut environment = incident.environment.clone();
     if let Some(deployment_id) = incident.deployment_id {
-        super::deployment::deployment_of_release(conn, envelope.release_id, deployment_id).await?;
         // An incident caused by a deployment happened where it was deployed:
         // it counts in that environment's change failure rate and MTTR.
-        let deployed_to: String =
-            sqlx::query_scalar("SELECT environment::text FROM ops.deployments WHERE deployment_id = $1")
-                .bind(deployment_id)
-                .fetch_one(&mut *conn)
-                .await
-                .db("read the deployment's environment")?;
+        let deployed_to =
+            super::deployment::deployment_of_release(conn, envelope.release_id, deployment_id).await?;
         match &environment {
             Some(given) if *given != deployed_to => {
                 return Err(HandlerError::conflict(format!(
