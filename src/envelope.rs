@@ -19,6 +19,10 @@ pub const SCHEMA_VERSION: &str = "v1.0";
 /// Keys of opsgate's own records; producers may not use them.
 pub const RESERVED_KEY_PREFIX: &str = "opsgate/";
 
+/// The longest idempotency key accepted: keys are indexed, and PostgreSQL's
+/// index entries hold about 2.7 kB.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 512;
+
 /// Every event type and the handler family that takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -227,10 +231,10 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Envelope, Rejection> {
     }
     let field = |result: Result<String, String>| result.map_err(|r| reject(400, r, partial.clone()));
     let idempotency_key = field(required_text(&object, "idempotency_key"))?;
-    if idempotency_key.len() > 512 {
+    if idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
         return Err(reject(
             400,
-            "idempotency_key is longer than 512 bytes".to_owned(),
+            format!("idempotency_key is longer than {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
             partial,
         ));
     }

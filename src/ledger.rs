@@ -9,7 +9,7 @@ use sqlx::query::Query;
 use sqlx::{PgConnection, Postgres, Row};
 use uuid::Uuid;
 
-use crate::envelope::{Envelope, Partial};
+use crate::envelope::{Envelope, MAX_IDEMPOTENCY_KEY_BYTES, Partial};
 use crate::text::{MAX_ERROR_BYTES, clipped};
 
 /// What to do with an envelope whose key may have been seen before.
@@ -326,9 +326,13 @@ pub async fn record_failure(
 }
 
 /// A field of a refused envelope as PostgreSQL can store it: the envelope
-/// may have been refused for the very NUL character that `text` cannot hold.
+/// may have been refused for the very NUL character that `text` cannot hold,
+/// or for a length past what the ledger's key index can hold (about 2.7 kB),
+/// so a field keeps at most as many bytes as the longest key accepted.
 fn storable(field: &Option<String>) -> Option<String> {
-    field.as_ref().map(|text| text.replace('\0', "\u{fffd}"))
+    field
+        .as_ref()
+        .map(|text| clipped(&text.replace('\0', "\u{fffd}"), MAX_IDEMPOTENCY_KEY_BYTES).into_owned())
 }
 
 fn attempt_column(attempt: u32) -> i32 {

@@ -403,3 +403,42 @@ async fn a_value_past_a_postgresql_limit_is_rejected_not_retried() {
     assert_eq!(outcome.code, 422, "{outcome:?}");
     assert_eq!(outcome.next, Next::DeadLetter);
 }
+
+/// A key too long to accept is refused with 400, and its attempt still
+/// leaves a ledger row: the row keeps the key's first 512 bytes, since the
+/// whole key would not fit the ledger's key index.
+#[tokio::test]
+async fn an_oversized_idempotency_key_is_rejected_and_recorded() {
+    let db = TestDb::new().await;
+    let release = fresh_release();
+    let mut event = g1_check(release, "unit-tests", "pass");
+    // Random hex does not compress below the btree entry limit (~2.7 kB).
+    let huge_key: String = (0..250).map(|_| Uuid::new_v4().simple().to_string()).collect();
+    event["idempotency_key"] = json!(huge_key);
+
+    let outcomes = process(&db.pool, &bodies(&[event])).await;
+    let outcome = &outcomes[0];
+    assert_eq!(outcome.status, Status::Rejected, "{outcome:?}");
+    assert_eq!(outcome.code, 400, "{outcome:?}");
+    assert_eq!(outcome.next, Next::DeadLetter);
+
+    let rows: Vec<(String, i16, String)> = sqlx::query_as(
+        "SELECT idempotency_key, response_code, processing_status::text FROM ops.event_ingest_log",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 1, "one ledger row for the attempt: {rows:?}");
+    let (stored_key, code, status) = &rows[0];
+    assert_eq!((*code, status.as_str()), (400, "rejected"));
+    assert!(
+        stored_key.len() <= 512,
+        "stored key is {} bytes",
+        stored_key.len()
+    );
+    let kept = stored_key.trim_end_matches('…');
+    assert!(
+        huge_key.starts_with(kept),
+        "the stored key is the key's beginning"
+    );
+}
