@@ -105,22 +105,19 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), W
 
     tracing::info!(database = %settings.database.url, amqp = %settings.amqp.url,
         queue = %context.topology.ingest_queue, "worker starting");
+    let mut reconnector = broker::Reconnector::new(&settings.amqp, "opsgate-worker");
     while !cancel.is_cancelled() {
-        let Some(connection) = broker::connect_with_retry(&settings.amqp, "opsgate-worker", &cancel).await
-        else {
+        let Some(connection) = reconnector.connect(&cancel).await else {
             break;
         };
         let session = async {
-            let channel =
-                connection
-                    .create_channel()
-                    .await
-                    .map_err(|source| broker::BrokerError::Channel {
-                        name: "topology".to_owned(),
-                        source,
-                    })?;
-            context.topology.declare(&channel).await?;
-            broker::quietly(channel.close(200, "declared".into())).await;
+            // A broker that stops answering mid-setup must not hold up a
+            // shutdown: until consuming starts there is nothing in flight.
+            let declared = tokio::select! {
+                () = cancel.cancelled() => return Ok(SessionEnd::Cancelled),
+                declared = declare_topology(&connection, &context.topology) => declared,
+            };
+            declared?;
             consumer::consume(&connection, context.clone(), &cancel).await
         };
         match session.await {
@@ -129,14 +126,9 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), W
                 break;
             }
             Ok(SessionEnd::Lost(reason)) => tracing::warn!(%reason, "lost RabbitMQ; reconnecting"),
-            Err(error) => {
-                tracing::warn!(%error, "RabbitMQ session failed; reconnecting");
-                // Do not spin when the broker accepts connections but refuses the topology.
-                tokio::select! {
-                    () = cancel.cancelled() => {}
-                    () = tokio::time::sleep(std::time::Duration::from_millis(settings.amqp.reconnect_min_ms)) => {}
-                }
-            }
+            // The reconnector waits before the next session: a broker that
+            // accepts connections and refuses the topology is not spun on.
+            Err(error) => tracing::warn!(%error, "RabbitMQ session failed; reconnecting"),
         }
         broker::quietly(connection.close(200, "reconnecting".into())).await;
     }
@@ -146,5 +138,21 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), W
     }
     pool.close().await;
     tracing::info!("worker stopped");
+    Ok(())
+}
+
+async fn declare_topology(
+    connection: &lapin::Connection,
+    topology: &Topology,
+) -> Result<(), broker::BrokerError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|source| broker::BrokerError::Channel {
+            name: "topology".to_owned(),
+            source,
+        })?;
+    topology.declare(&channel).await?;
+    broker::quietly(channel.close(200, "declared".into())).await;
     Ok(())
 }

@@ -257,7 +257,7 @@ async fn a_message_rejected_past_the_delivery_limit_is_dead_lettered() {
 }
 
 #[tokio::test]
-async fn connect_with_retry_gives_up_only_when_cancelled() {
+async fn the_reconnector_gives_up_only_when_cancelled() {
     // Nothing listens on port 1: every attempt fails fast.
     let mut settings = settings(&namespace(), 3);
     settings.url = SecretUrl::new("amqp://guest:guest@127.0.0.1:1/%2f");
@@ -270,14 +270,17 @@ async fn connect_with_retry_gives_up_only_when_cancelled() {
         })
     };
     let started = Instant::now();
-    let connection = broker::connect_with_retry(&settings, "opsgate-test", &cancel).await;
+    let connection = broker::Reconnector::new(&settings, "opsgate-test")
+        .connect(&cancel)
+        .await;
     assert!(connection.is_none());
     assert!(started.elapsed() >= Duration::from_millis(500));
     canceller.await.expect("canceller");
 
     // Against the real broker it connects straight away.
     let good = self::settings(&namespace(), 3);
-    let connection = broker::connect_with_retry(&good, "opsgate-test", &cancel_never())
+    let connection = broker::Reconnector::new(&good, "opsgate-test")
+        .connect(&cancel_never())
         .await
         .expect("connects");
     connection.close(200, "test done".into()).await.expect("close");

@@ -958,3 +958,101 @@ async fn a_gate_change_leads_back_to_the_event_that_caused_it() {
     worker.stop().await;
     producer.finish().await;
 }
+
+// --- A misbehaving broker (through `common::proxy`) ---------------------
+
+/// Gaps between the proxy's accepted connections, once there are `n`.
+async fn connection_gaps(proxy: &proxy::AmqpProxy, n: usize, timeout: Duration) -> Vec<Duration> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let accepted = proxy.accepted();
+        if accepted.len() >= n {
+            return accepted.windows(2).take(n - 1).map(|w| w[1] - w[0]).collect();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} connections within {timeout:?}",
+            accepted.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn millis(gaps: &[Duration]) -> Vec<u128> {
+    gaps.iter().map(Duration::as_millis).collect()
+}
+
+/// A broker (or load balancer) that drops every connection soon after
+/// accepting it is reconnected to with a growing pause, not at once.
+#[tokio::test]
+async fn sessions_that_end_soon_after_they_begin_back_off() {
+    let db = TestDb::new().await;
+    let proxy = proxy::AmqpProxy::start(proxy::Fault::CutAfter(Duration::from_millis(400))).await;
+    let url = proxy.url();
+    let settings = settings_for(
+        &db,
+        &[
+            ("OPSGATE__AMQP__URL", url.as_str()),
+            ("OPSGATE__AMQP__RECONNECT_MIN_MS", "100"),
+            ("OPSGATE__AMQP__RECONNECT_MAX_MS", "1600"),
+        ],
+    );
+    let worker = start_worker(&settings);
+    // Each gap is the 400 ms session plus the pause: 100-200 ms, then
+    // 200-400, 400-800, 800-1600 and 1600 ms (backon's jitter adds up to
+    // one more delay, within the cap).
+    let gaps = connection_gaps(&proxy, 6, Duration::from_secs(30)).await;
+    worker.stop().await;
+    let ms = millis(&gaps);
+    assert!(ms[0] < 900, "first pause is short: {ms:?}");
+    assert!(ms[3] >= 1_150, "the pause grows: {ms:?}");
+    assert!(ms[4] >= 1_950, "up to reconnect_max_ms: {ms:?}");
+}
+
+/// A session that lasted reconnect_max_ms or longer was healthy: the
+/// reconnect after it is immediate, and the backoff starts over.
+#[tokio::test]
+async fn a_healthy_session_resets_the_reconnect_backoff() {
+    let db = TestDb::new().await;
+    let proxy = proxy::AmqpProxy::start(proxy::Fault::CutAfter(Duration::from_millis(1_500))).await;
+    let url = proxy.url();
+    let settings = settings_for(
+        &db,
+        &[
+            ("OPSGATE__AMQP__URL", url.as_str()),
+            ("OPSGATE__AMQP__RECONNECT_MIN_MS", "400"),
+            ("OPSGATE__AMQP__RECONNECT_MAX_MS", "1000"),
+        ],
+    );
+    let worker = start_worker(&settings);
+    // Without the reset the pauses would be 400-800 ms, then 800-1000.
+    let gaps = connection_gaps(&proxy, 4, Duration::from_secs(30)).await;
+    worker.stop().await;
+    let ms = millis(&gaps);
+    assert!(
+        ms.iter().all(|&gap| gap < 1_500 + 300),
+        "no pause after a healthy session: {ms:?}"
+    );
+}
+
+/// Shutdown while the broker hangs in the middle of session setup (no
+/// answer to `channel.open`) is prompt: nothing is in flight yet.
+#[tokio::test]
+async fn shutdown_during_session_setup_does_not_wait_for_the_broker() {
+    // The first channel is the topology's, the second the consumer's.
+    for channel in [1, 2] {
+        let db = TestDb::new().await;
+        let proxy = proxy::AmqpProxy::start(proxy::Fault::StallAtChannelOpen(channel)).await;
+        let url = proxy.url();
+        let settings = settings_for(&db, &[("OPSGATE__AMQP__URL", url.as_str())]);
+        let worker = start_worker(&settings);
+        tokio::time::timeout(SECS_10, proxy.stalled.notified())
+            .await
+            .expect("the worker opens a channel");
+        worker.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(5), worker.handle)
+            .await
+            .unwrap_or_else(|_| panic!("the worker stops while channel {channel} hangs"))
+            .expect("worker task");
+    }
+}

@@ -1,8 +1,8 @@
 //! Connecting to RabbitMQ, once or until it works.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 use tokio_util::sync::CancellationToken;
 
@@ -56,50 +56,110 @@ fn connect_hint(error: &lapin::Error) -> &'static str {
     }
 }
 
-/// Connects, retrying forever with exponential backoff and jitter between
-/// `reconnect_min_ms` and `reconnect_max_ms`, so a broker restart or a
-/// deploy-order race heals by itself. `None` only when `cancel` fires.
+/// The worker's way to RabbitMQ: connects, retrying forever with
+/// exponential backoff and jitter between `reconnect_min_ms` and
+/// `reconnect_max_ms`, so a broker restart or a deploy-order race heals by
+/// itself.
+///
+/// One backoff spans failed attempts and short sessions alike: a broker (or
+/// a load balancer in front of it) that accepts connections and drops them
+/// soon after is retried ever more slowly, not in a tight loop. A session
+/// that stayed up for `reconnect_max_ms` or longer was healthy, and the
+/// reconnect after it starts again at once, from the shortest delay.
+///
 /// An attempt is not timed out (see [`connect`]): a broker that accepted the
 /// connection and hangs completes the handshake once it answers again.
-pub async fn connect_with_retry(
-    settings: &AmqpSettings,
-    name: &str,
-    cancel: &CancellationToken,
-) -> Option<Connection> {
-    let min = Duration::from_millis(settings.reconnect_min_ms.max(1));
-    let max = Duration::from_millis(settings.reconnect_max_ms).max(min);
-    let mut delays = ExponentialBuilder::default()
+pub struct Reconnector {
+    settings: AmqpSettings,
+    name: String,
+    min: Duration,
+    max: Duration,
+    delays: ExponentialBackoff,
+    /// When the current session's connection was made, if there is one.
+    connected_at: Option<Instant>,
+}
+
+impl Reconnector {
+    pub fn new(settings: &AmqpSettings, name: &str) -> Reconnector {
+        let min = Duration::from_millis(settings.reconnect_min_ms.max(1));
+        let max = Duration::from_millis(settings.reconnect_max_ms).max(min);
+        Reconnector {
+            settings: settings.clone(),
+            name: name.to_owned(),
+            min,
+            max,
+            delays: backoff(min, max),
+            connected_at: None,
+        }
+    }
+
+    /// A connection, after the pause the last session's length calls for.
+    /// `None` only when `cancel` fires.
+    pub async fn connect(&mut self, cancel: &CancellationToken) -> Option<Connection> {
+        if let Some(connected_at) = self.connected_at.take() {
+            if connected_at.elapsed() >= self.max {
+                self.delays = backoff(self.min, self.max);
+            } else {
+                let delay = self.next_delay();
+                tracing::info!(
+                    connection = %self.name,
+                    retry_in_ms = millis(delay),
+                    "the last RabbitMQ session ended soon after it began; waiting before reconnecting"
+                );
+                if !pause(delay, cancel).await {
+                    return None;
+                }
+            }
+        }
+        let mut attempt: u64 = 0;
+        loop {
+            attempt += 1;
+            let result = tokio::select! {
+                () = cancel.cancelled() => return None,
+                result = connect_unbounded(&self.settings, &self.name) => result,
+            };
+            let error = match result {
+                Ok(connection) => {
+                    if attempt > 1 {
+                        tracing::info!(address = %self.settings.url, connection = %self.name, attempt,
+                            "connected to RabbitMQ");
+                    }
+                    self.connected_at = Some(Instant::now());
+                    return Some(connection);
+                }
+                Err(error) => error,
+            };
+            let delay = self.next_delay();
+            tracing::warn!(attempt, retry_in_ms = millis(delay), "{error}");
+            if !pause(delay, cancel).await {
+                return None;
+            }
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        // backon's jitter adds up to one more delay; keep the configured cap.
+        self.delays.next().unwrap_or(self.max).min(self.max)
+    }
+}
+
+fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
+    ExponentialBuilder::default()
         .with_min_delay(min)
         .with_max_delay(max)
         .with_jitter()
         .without_max_times()
-        .build();
-    let mut attempt: u64 = 0;
-    loop {
-        attempt += 1;
-        let result = tokio::select! {
-            () = cancel.cancelled() => return None,
-            result = connect_unbounded(settings, name) => result,
-        };
-        let error = match result {
-            Ok(connection) => {
-                if attempt > 1 {
-                    tracing::info!(address = %settings.url, connection = name, attempt, "connected to RabbitMQ");
-                }
-                return Some(connection);
-            }
-            Err(error) => error,
-        };
-        // backon's jitter adds up to one more delay; keep the configured cap.
-        let delay = delays.next().unwrap_or(max).min(max);
-        tracing::warn!(
-            attempt,
-            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-            "{error}"
-        );
-        tokio::select! {
-            () = cancel.cancelled() => return None,
-            () = tokio::time::sleep(delay) => {}
-        }
+        .build()
+}
+
+/// Sleeps for `delay`; false when `cancel` fired first.
+async fn pause(delay: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        () = tokio::time::sleep(delay) => true,
     }
+}
+
+fn millis(delay: Duration) -> u64 {
+    u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)
 }

@@ -80,25 +80,13 @@ pub async fn consume(
     context: Arc<ConsumerContext>,
     cancel: &CancellationToken,
 ) -> Result<SessionEnd, BrokerError> {
-    let channel_error = |source| BrokerError::Channel {
-        name: context.topology.ingest_queue.clone(),
-        source,
+    // A broker that stops answering mid-setup must not hold up a shutdown:
+    // until consuming starts there is nothing in flight.
+    let opened = tokio::select! {
+        () = cancel.cancelled() => return Ok(SessionEnd::Cancelled),
+        opened = open_session(connection, &context) => opened,
     };
-    let channel = connection.create_channel().await.map_err(channel_error)?;
-    channel
-        .basic_qos(context.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(channel_error)?;
-    let publisher = Publisher::new(connection, context.confirm_timeout).await?;
-    let mut consumer = channel
-        .basic_consume(
-            context.topology.ingest_queue.as_str().into(),
-            context.consumer_tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(channel_error)?;
+    let (channel, publisher, mut consumer) = opened?;
     tracing::info!(queue = %context.topology.ingest_queue, prefetch = context.prefetch,
         max_in_flight = context.max_in_flight, "consuming");
 
@@ -235,6 +223,34 @@ pub async fn consume(
     super::quietly(publisher.channel().close(200, "worker stopping".into())).await;
     super::quietly(channel.close(200, "worker stopping".into())).await;
     Ok(end)
+}
+
+/// The consuming channel (with its prefetch), the publisher of retries and
+/// dead letters, and the consumer of the ingest queue.
+async fn open_session(
+    connection: &Connection,
+    context: &ConsumerContext,
+) -> Result<(lapin::Channel, Publisher, lapin::Consumer), BrokerError> {
+    let channel_error = |source| BrokerError::Channel {
+        name: context.topology.ingest_queue.clone(),
+        source,
+    };
+    let channel = connection.create_channel().await.map_err(channel_error)?;
+    channel
+        .basic_qos(context.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(channel_error)?;
+    let publisher = Publisher::new(connection, context.confirm_timeout).await?;
+    let consumer = channel
+        .basic_consume(
+            context.topology.ingest_queue.as_str().into(),
+            context.consumer_tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(channel_error)?;
+    Ok((channel, publisher, consumer))
 }
 
 fn publishing_channel_closed() -> SessionEnd {

@@ -9,7 +9,7 @@ mod topology;
 
 use std::time::Duration;
 
-pub use connection::{connect, connect_with_retry};
+pub use connection::{Reconnector, connect};
 pub use publisher::{PublishError, Publisher};
 pub use topology::{DEAD_QUEUE_DELIVERY_LIMIT, Topology};
 

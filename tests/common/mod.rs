@@ -151,5 +151,6 @@ pub async fn free_release_lock(mut holder: sqlx::pool::PoolConnection<sqlx::Post
         .unwrap();
 }
 
+pub mod proxy;
 pub mod seed;
 pub mod worker;
