@@ -1056,3 +1056,43 @@ async fn shutdown_during_session_setup_does_not_wait_for_the_broker() {
             .expect("worker task");
     }
 }
+
+/// A message held while PostgreSQL is unreachable cannot be acked once the
+/// broker connection is lost (RabbitMQ redelivers it): the worker stops
+/// holding it and reconnects once the attempt in progress gives up
+/// (database.acquire_timeout_secs), not after worker.shutdown_timeout_secs.
+#[tokio::test]
+async fn a_lost_connection_stops_holding_messages_for_postgresql() {
+    let db = TestDb::new().await;
+    let proxy = proxy::AmqpProxy::start(proxy::Fault::CutAfter(Duration::from_secs(3))).await;
+    let url = proxy.url();
+    let direct = settings_for(&db, &[]);
+    let namespace = direct.amqp.namespace.clone();
+    let settings = settings_for(
+        &db,
+        &[
+            ("OPSGATE__AMQP__URL", url.as_str()),
+            ("OPSGATE__AMQP__NAMESPACE", namespace.as_str()),
+            // Nothing listens on port 1: every attempt finds PostgreSQL down.
+            (
+                "OPSGATE__DATABASE__URL",
+                "postgres://postgres@127.0.0.1:1/opsgate",
+            ),
+            ("OPSGATE__DATABASE__ACQUIRE_TIMEOUT_SECS", "1"),
+            ("OPSGATE__WORKER__SHUTDOWN_TIMEOUT_SECS", "15"),
+        ],
+    );
+    let worker = start_worker(&settings);
+    let producer = Producer::new(&direct).await;
+    // Published once the worker consumes (the topology is its declaration).
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    producer.publish(&release_created(fresh_release(), "v1")).await;
+
+    let gaps = connection_gaps(&proxy, 2, Duration::from_secs(30)).await;
+    worker.stop().await;
+    producer.finish().await;
+    assert!(
+        gaps[0] < Duration::from_millis(3_000 + 1_000 + 1_500),
+        "reconnected {gaps:?} after the first connection, whose session lasted 3 s"
+    );
+}

@@ -106,6 +106,10 @@ pub async fn consume(
     // transaction, in arrival order, each with its in-flight slot.
     let mut held: VecDeque<Received> = VecDeque::new();
     let busy = BusyReleases::default();
+    // Fired when the session ends, however it ends: a batch held while
+    // PostgreSQL is down stops waiting, since its deliveries can no longer
+    // be acked on this channel (RabbitMQ redelivers them).
+    let session_over = cancel.child_token();
     let end = loop {
         while let Some(finished) = tasks.try_join_next() {
             report_panic(finished);
@@ -179,7 +183,7 @@ pub async fn consume(
         };
         let context = context.clone();
         let publisher = publisher.clone();
-        let cancel_batch = cancel.clone();
+        let session_over = session_over.clone();
         let publisher_lost = publisher_lost.clone();
         tasks.spawn(async move {
             handle(
@@ -187,7 +191,7 @@ pub async fn consume(
                 in_database,
                 &context,
                 &publisher,
-                &cancel_batch,
+                &session_over,
                 &publisher_lost,
             )
             .await;
@@ -198,6 +202,7 @@ pub async fn consume(
         }
     };
 
+    session_over.cancel();
     // Stop the broker pushing more; what it already pushed and we did not
     // start is requeued when the channel closes.
     if matches!(end, SessionEnd::Cancelled) {
@@ -434,7 +439,7 @@ async fn handle(
     transaction: InDatabase,
     context: &ConsumerContext,
     publisher: &Publisher,
-    cancel: &CancellationToken,
+    session_over: &CancellationToken,
     publisher_lost: &CancellationToken,
 ) {
     let attempts: Vec<ingest::Attempt<'_>> = deliveries
@@ -459,7 +464,7 @@ async fn handle(
                     deliveries = deliveries.len(), "holding the message until PostgreSQL answers");
                 tokio::select! {
                     // Leave them unacked: they are redelivered once the channel closes.
-                    () = cancel.cancelled() => return,
+                    () = session_over.cancelled() => return,
                     () = tokio::time::sleep(wait) => {}
                 }
                 wait = (wait * 2).min(context.database_retry_max);
