@@ -135,7 +135,7 @@ pub async fn consume(
                     take_free_held(&mut held, &busy, &mut batch, context.batch_size);
                     continue;
                 }
-                received = next_delivery(&slots, &mut consumer) => received,
+                received = next_delivery(&slots, &mut consumer, context.ingest.max_body_bytes) => received,
             };
             match received {
                 Ok(received) => admit(received, &mut held, &busy, &mut batch),
@@ -163,7 +163,7 @@ pub async fn consume(
             let Some(next) = consumer.next().now_or_never() else {
                 break;
             };
-            match received(next, slot) {
+            match received(next, slot, context.ingest.max_body_bytes) {
                 Ok(received) => admit(received, &mut held, &busy, &mut batch),
                 Err(reason) => lost = Some(reason),
             }
@@ -279,8 +279,8 @@ struct Received {
 }
 
 impl Received {
-    fn new(delivery: lapin::message::Delivery, slot: OwnedSemaphorePermit) -> Self {
-        let release = release_named_in(&delivery.data);
+    fn new(delivery: lapin::message::Delivery, slot: OwnedSemaphorePermit, max_body_bytes: usize) -> Self {
+        let release = release_named_in(&delivery.data, max_body_bytes);
         Self {
             delivery,
             slot,
@@ -290,32 +290,41 @@ impl Received {
 }
 
 /// The `release_id` of an envelope, if the body is one; whatever else the
-/// body holds is read (and judged) by the ingest step.
-fn release_named_in(body: &[u8]) -> Option<Uuid> {
+/// body holds is read (and judged) by the ingest step. A body over the limit
+/// is refused with 413 unread, so it is not parsed here either.
+fn release_named_in(body: &[u8], max_body_bytes: usize) -> Option<Uuid> {
     #[derive(serde::Deserialize)]
     struct ReleaseOnly {
         release_id: Option<Uuid>,
+    }
+    if body.len() > max_body_bytes {
+        return None;
     }
     serde_json::from_slice::<ReleaseOnly>(body).ok()?.release_id
 }
 
 /// Waits for an in-flight slot, then for the next delivery.
-async fn next_delivery(slots: &Arc<Semaphore>, consumer: &mut lapin::Consumer) -> Result<Received, String> {
+async fn next_delivery(
+    slots: &Arc<Semaphore>,
+    consumer: &mut lapin::Consumer,
+    max_body_bytes: usize,
+) -> Result<Received, String> {
     let slot = slots
         .clone()
         .acquire_owned()
         .await
         .map_err(|_| "the in-flight slots were closed".to_owned())?;
-    received(consumer.next().await, slot)
+    received(consumer.next().await, slot, max_body_bytes)
 }
 
 /// What the consumer stream gave: a delivery, or why the session is lost.
 fn received(
     next: Option<Result<lapin::message::Delivery, lapin::Error>>,
     slot: OwnedSemaphorePermit,
+    max_body_bytes: usize,
 ) -> Result<Received, String> {
     match next {
-        Some(Ok(delivery)) => Ok(Received::new(delivery, slot)),
+        Some(Ok(delivery)) => Ok(Received::new(delivery, slot, max_body_bytes)),
         Some(Err(error)) => Err(error.to_string()),
         None => Err("the consumer was cancelled by the broker".to_owned()),
     }
@@ -735,6 +744,14 @@ mod tests {
         let mut headers = FieldTable::default();
         headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(3));
         assert_eq!(attempt_of(&BasicProperties::default().with_headers(headers)), 3);
+    }
+
+    #[test]
+    fn a_body_over_the_limit_names_no_release() {
+        let release = Uuid::new_v4();
+        let body = serde_json::to_vec(&serde_json::json!({"release_id": release})).unwrap();
+        assert_eq!(release_named_in(&body, body.len()), Some(release));
+        assert_eq!(release_named_in(&body, body.len() - 1), None);
     }
 
     #[test]
