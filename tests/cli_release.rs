@@ -312,3 +312,39 @@ async fn a_release_name_with_slashes_is_found_and_an_ambiguous_one_refused() {
         "{ambiguous:?}"
     );
 }
+
+/// Errors whose text spans lines (TOML's parse errors draw the line and a
+/// caret) still reach people as one line, whichever command prints them.
+#[tokio::test]
+async fn multi_line_errors_are_printed_on_one_line() {
+    let db = TestDb::new().await;
+    let dir = std::env::temp_dir().join(format!("opsgate-one-line-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let broken_policy = dir.join("policy.toml");
+    std::fs::write(&broken_policy, "[[policy]\ngate = \"G1\"\n").unwrap();
+    let output = opsgate(
+        &db,
+        &["policy", "apply", "--file", broken_policy.to_str().unwrap()],
+    );
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(stderr.contains("line 1"), "{stderr}");
+
+    // The promotion check answers 2 (could not decide) with a broken config.
+    let config_dir = dir.join("config");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    std::fs::write(config_dir.join("default.toml"), "[database\nurl = 1\n").unwrap();
+    let output = command(&db, &["release", "eligible", "acme/odoo/v1.0", "--env", "dev"])
+        .arg("--config-dir")
+        .arg(&config_dir)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -80,7 +80,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Release(release::ReleaseCommand::Eligible(_))
             ) =>
         {
-            eprintln!("error: {error}");
+            print_error(&error);
             return Ok(ExitCode::from(2));
         }
         Err(error) => return Err(error.into()),
@@ -118,10 +118,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// An error and its causes on one line, each cause once: many of our errors
 /// already end with the text of their source, which `{:#}` would repeat.
+/// Text that spans lines (TOML's parse errors draw the line and a caret) is
+/// folded, so that a log line or a CI annotation holds the whole message.
 pub fn one_line(error: &anyhow::Error) -> String {
+    let causes: &(dyn std::error::Error + 'static) = error.as_ref();
+    chain_on_one_line(causes)
+}
+
+fn chain_on_one_line(error: &(dyn std::error::Error + 'static)) -> String {
     let mut line = String::new();
-    for cause in error.chain() {
-        let text = cause.to_string();
+    for cause in std::iter::successors(Some(error), |cause| cause.source()) {
+        let text = cause.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
         if !line.contains(&text) {
             if !line.is_empty() {
                 line.push_str(": ");
@@ -130,6 +137,12 @@ pub fn one_line(error: &anyhow::Error) -> String {
         }
     }
     line
+}
+
+/// Prints `error: <the error and its causes on one line>` on stderr, for
+/// commands that answer with an exit code of their own after an error.
+pub(crate) fn print_error(error: &(dyn std::error::Error + 'static)) {
+    eprintln!("error: {}", chain_on_one_line(error));
 }
 
 fn print_settings(settings: &Settings) -> std::io::Result<()> {

@@ -158,7 +158,7 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Result<ExitC
             | PublishError::Nacked { .. }
             | PublishError::Broker { .. }),
         ) => {
-            eprintln!("error: {error}");
+            super::print_error(&error);
             return Ok(ExitCode::from(UNDELIVERED));
         }
         Err(error) => return Err(error.into()),

@@ -41,7 +41,7 @@ pub async fn run(settings: &Settings, command: ReleaseCommand) -> anyhow::Result
     let pool = match database::connect(&settings.database).await {
         Ok(pool) => pool,
         Err(error) if matches!(command, ReleaseCommand::Eligible(_)) => {
-            eprintln!("error: {error}");
+            super::print_error(&error);
             return Ok(ExitCode::from(2));
         }
         Err(error) => return Err(error.into()),
@@ -94,7 +94,7 @@ pub async fn run(settings: &Settings, command: ReleaseCommand) -> anyhow::Result
             let answer = match answer {
                 Ok(answer) => answer,
                 Err(error) => {
-                    eprintln!("error: {error}");
+                    super::print_error(&error);
                     return Ok(ExitCode::from(2));
                 }
             };
