@@ -95,7 +95,10 @@ async fn malformed_messages_are_rejected_with_400_and_dead_lettered() {
             field,
         ));
     }
-    let wrong_types: [(&str, Value); 5] = [
+    let wrong_types: [(&str, Value); 8] = [
+        ("schema_version", json!(1.0)),
+        ("idempotency_key", json!(7)),
+        ("source_system", json!({"ci": "github"})),
         ("release_id", json!(42)),
         ("payload", json!("text")),
         ("event_type", json!(["release_created"])),
@@ -104,8 +107,8 @@ async fn malformed_messages_are_rejected_with_400_and_dead_lettered() {
     ];
     for (field, value) in wrong_types {
         let mut envelope = valid.clone();
-        envelope[field] = value;
         envelope["idempotency_key"] = json!(format!("wrong-{field}-{}", Uuid::new_v4()));
+        envelope[field] = value;
         cases.push((
             format!("ill-typed {field}"),
             serde_json::to_vec(&envelope).unwrap(),
@@ -346,15 +349,24 @@ async fn a_release_created_arriving_during_the_retries_rescues_the_event() {
 #[tokio::test]
 async fn the_same_key_delivered_to_two_consumers_at_once_is_accepted_exactly_once() {
     let db = TestDb::new().await;
-    let settings = settings_for(&db, &[]);
+    // One message at a time each, so RabbitMQ hands the copies out in turn.
+    let settings = settings_for(
+        &db,
+        &[
+            ("OPSGATE__AMQP__PREFETCH", "1"),
+            ("OPSGATE__WORKER__MAX_IN_FLIGHT", "1"),
+        ],
+    );
     let producer = Producer::new(&settings).await;
+    // Two workers (two connections, two consumers), both consuming before
+    // the copies arrive, race for the same key.
+    let first = start_worker(&settings);
+    let second = start_worker(&settings);
+    producer.wait_for_consumers(2, SECS_10).await;
     let release = release_created(fresh_release(), "v1");
     for _ in 0..20 {
         producer.publish(&release).await;
     }
-    // Two workers (two connections, two consumers) race for the same key.
-    let first = start_worker(&settings);
-    let second = start_worker(&settings);
     let count = wait_for_count(
         &db.pool,
         "SELECT count(*) FROM ops.event_ingest_log WHERE processing_status IN ('accepted', 'duplicate')",
@@ -412,6 +424,119 @@ async fn the_worker_declares_its_topology_and_drains_what_was_waiting() {
     assert_eq!(count, 30);
     worker.stop().await;
     producer.finish().await;
+}
+
+/// On a namespace nobody has declared, the worker declares the whole
+/// topology itself: quorum queues with the delivery limit, the retry tiers,
+/// the dead letters; and producers' messages are routed and processed.
+#[tokio::test]
+async fn the_worker_declares_the_topology_on_a_fresh_namespace() {
+    let db = TestDb::new().await;
+    let settings = settings_for(
+        &db,
+        &[
+            ("OPSGATE__AMQP__DELIVERY_LIMIT", "7"),
+            ("OPSGATE__RETRY__SCHEDULE_SECS", "1,3"),
+        ],
+    );
+    let topology = topology(&settings);
+    let worker = start_worker(&settings);
+    let queues = wait_for_queues(
+        &settings.amqp.namespace,
+        2 + topology.retry_queues().len(),
+        SECS_10,
+    )
+    .await;
+
+    let ingest = &queues[&topology.ingest_queue];
+    assert_eq!(ingest["type"], "quorum", "{ingest}");
+    assert_eq!(ingest["consumers"], 1, "the worker consumes it: {ingest}");
+    let args = arguments(ingest);
+    assert_eq!(args["x-delivery-limit"], 7, "{ingest}");
+    assert_eq!(
+        args["x-dead-letter-exchange"],
+        topology.dead_letter_exchange.as_str()
+    );
+    assert_eq!(queues[&topology.dead_queue]["type"], "quorum");
+    for (name, delay) in topology.retry_queues() {
+        let tier = &queues[&name];
+        assert_eq!(tier["type"], "quorum", "{tier}");
+        let args = arguments(tier);
+        assert_eq!(args["x-message-ttl"], delay.as_millis() as u64, "{tier}");
+        // Back to the ingest queue when the delay is over.
+        assert_eq!(args["x-dead-letter-exchange"], "", "{tier}");
+        assert_eq!(
+            args["x-dead-letter-routing-key"],
+            topology.ingest_queue.as_str(),
+            "{tier}"
+        );
+    }
+
+    // Mandatory publishing through the exchange: unroutable would fail.
+    let producer = Producer::new(&settings).await;
+    let release = release_created(fresh_release(), "v1");
+    producer.publish(&release).await;
+    let rows = wait_for_status(&db.pool, &key_of(&release), "accepted", SECS_10).await;
+    assert_eq!(rows, vec![("accepted".to_owned(), 200)]);
+    worker.stop().await;
+    producer.finish().await;
+}
+
+/// A queue's arguments by name, from `rabbitmqctl`'s JSON: `[name, type,
+/// value]` triples (RabbitMQ 3.x) or an object (newer versions).
+fn arguments(queue: &Value) -> std::collections::HashMap<String, Value> {
+    match &queue["arguments"] {
+        Value::Array(triples) => triples
+            .iter()
+            .filter_map(|triple| Some((triple[0].as_str()?.to_owned(), triple[2].clone())))
+            .collect(),
+        Value::Object(map) => map.clone().into_iter().collect(),
+        _ => std::collections::HashMap::new(),
+    }
+}
+
+/// The broker's own view of the namespace's queues (name, type, arguments,
+/// consumers), once there are `n` of them with the ingest queue consumed.
+async fn wait_for_queues(
+    namespace: &str,
+    n: usize,
+    timeout: Duration,
+) -> std::collections::HashMap<String, Value> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let output = std::process::Command::new("rabbitmqctl")
+            .args([
+                "list_queues",
+                "-q",
+                "--formatter",
+                "json",
+                "name",
+                "type",
+                "arguments",
+                "consumers",
+            ])
+            .output()
+            .expect("rabbitmqctl");
+        let listed: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        let ours: std::collections::HashMap<String, Value> = listed
+            .into_iter()
+            .filter(|queue| {
+                queue["name"]
+                    .as_str()
+                    .is_some_and(|name| name.starts_with(namespace))
+            })
+            .map(|queue| (queue["name"].as_str().unwrap_or_default().to_owned(), queue))
+            .collect();
+        let consumed = ours.values().any(|queue| queue["consumers"].as_u64() == Some(1));
+        if ours.len() >= n && consumed {
+            return ours;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "queues of {namespace}: {ours:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn eligible(db: &TestDb, release_id: Uuid, env: &str) -> bool {
@@ -1095,4 +1220,110 @@ async fn a_lost_connection_stops_holding_messages_for_postgresql() {
         gaps[0] < Duration::from_millis(3_000 + 1_000 + 1_500),
         "reconnected {gaps:?} after the first connection, whose session lasted 3 s"
     );
+}
+
+// --- Retries ------------------------------------------------------------
+
+/// Received times of a key's ledger rows, in order.
+async fn attempt_times(db: &TestDb, key: &str) -> Vec<chrono::DateTime<chrono::Utc>> {
+    sqlx::query_scalar(
+        "SELECT received_at FROM ops.event_ingest_log WHERE idempotency_key = $1 ORDER BY received_at",
+    )
+    .bind(key)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// Each retry waits its tier of the schedule (shortened by at most the
+/// jitter, 20 % by default), not one fixed delay.
+#[tokio::test]
+async fn retries_wait_the_delays_of_the_schedule_in_turn() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[("OPSGATE__RETRY__SCHEDULE_SECS", "1,3")]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+
+    let orphan = check_for(fresh_release());
+    producer.publish(&orphan).await;
+    let (_, headers) = producer.next_dead_letter(SECS_20).await;
+    assert_eq!(header_i64(&headers, "x-opsgate-attempt"), Some(3));
+    let times = attempt_times(&db, &key_of(&orphan)).await;
+    assert_eq!(times.len(), 3, "{times:?}");
+    let gaps: Vec<i64> = times
+        .windows(2)
+        .map(|w| (w[1] - w[0]).num_milliseconds())
+        .collect();
+    assert!(
+        (800..2_000).contains(&gaps[0]),
+        "first retry after about 1 s: {gaps:?}"
+    );
+    assert!(
+        (2_400..4_000).contains(&gaps[1]),
+        "second retry after about 3 s: {gaps:?}"
+    );
+    worker.stop().await;
+    producer.finish().await;
+}
+
+/// A transient fault that lasts longer than the schedule (here a release
+/// lock that is never free) is retried, then dead-lettered with 503.
+#[tokio::test]
+async fn a_transient_fault_that_outlasts_the_retries_is_dead_lettered_with_503() {
+    let db = TestDb::new().await;
+    // Waiting for a lock gives up after 300 ms on the worker's connections.
+    let url = format!("{}?options=-c%20lock_timeout%3D300ms", db.settings.url.expose());
+    let settings = settings_for(&db, &[("OPSGATE__DATABASE__URL", url.as_str())]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+    let release_id = fresh_release();
+    let (reply, _) = producer.request(&release_created(release_id, "v1")).await;
+    assert_eq!(reply["status"], "accepted");
+
+    let holder = hold_release_lock(&db, release_id).await;
+    let check = check_for(release_id);
+    producer.publish(&check).await;
+    let (body, headers) = producer.next_dead_letter(SECS_20).await;
+    free_release_lock(holder, release_id).await;
+    assert_eq!(body, serde_json::to_vec(&check).unwrap());
+    assert_eq!(header_i64(&headers, "x-opsgate-code"), Some(503));
+    assert_eq!(header_str(&headers, "x-opsgate-status").as_deref(), Some("error"));
+    assert_eq!(header_i64(&headers, "x-opsgate-attempt"), Some(3));
+    let error = header_str(&headers, "x-opsgate-error").unwrap();
+    assert!(
+        error.contains("lock") && error.contains("retries exhausted"),
+        "{error}"
+    );
+    assert_eq!(
+        ledger(&db.pool, &key_of(&check)).await,
+        vec![("error".to_owned(), 503); 3]
+    );
+    let checks: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.gate_checks")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(checks, 0, "nothing applied");
+    worker.stop().await;
+    producer.finish().await;
+}
+
+/// The body is read as JSON whatever the content type says.
+#[tokio::test]
+async fn an_envelope_labelled_with_another_content_type_is_accepted() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+    let release = release_created(fresh_release(), "v1");
+    producer
+        .publish_raw(
+            &serde_json::to_vec(&release).unwrap(),
+            "release_created",
+            lapin::BasicProperties::default().with_content_type("text/plain".into()),
+        )
+        .await;
+    let rows = wait_for_status(&db.pool, &key_of(&release), "accepted", SECS_10).await;
+    assert_eq!(rows, vec![("accepted".to_owned(), 200)]);
+    worker.stop().await;
+    producer.finish().await;
 }

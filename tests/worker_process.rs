@@ -80,6 +80,16 @@ async fn sigterm_with_messages_in_flight_exits_0_and_loses_nothing() {
     )
     .await;
     assert_checks_applied_once(&db.pool, events.len()).await;
+    // The drain acked everything it had processed: nothing came back.
+    let duplicates: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ops.event_ingest_log WHERE processing_status = 'duplicate'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        duplicates, 0,
+        "a message processed before SIGTERM was redelivered"
+    );
     worker.stop().await;
     producer.finish().await;
 }

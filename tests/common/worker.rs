@@ -259,6 +259,31 @@ impl Producer {
         queue.message_count()
     }
 
+    /// Waits until `n` consumers consume the ingest queue.
+    pub async fn wait_for_consumers(&self, n: u32, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let channel = self.connection.create_channel().await.unwrap();
+            let queue = channel
+                .queue_declare(
+                    self.topology.ingest_queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            let _ = channel.close(200, "counted".into()).await;
+            if queue.consumer_count() >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{n} consumers within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Removes the namespace's exchanges and queues.
     pub async fn finish(self) {
         let channel = self.connection.create_channel().await.unwrap();
