@@ -36,10 +36,11 @@ pub struct PublishArgs {
     /// source_system of the envelope.
     #[arg(long, env = "OPSGATE_SOURCE_SYSTEM", default_value = "manual")]
     source: String,
-    /// Idempotency key; default <source>/<release>/<event>/<hash of payload>.
+    /// Idempotency key; default <source>/<release>/<event>/<hash of gate and payload>.
     #[arg(long)]
     key: Option<String>,
-    /// Payload: inline JSON, @file.json, or - for standard input.
+    /// Payload: inline JSON, @file.json, or - for standard input. Numbers are
+    /// read as 64-bit integers or doubles; send exact decimals as strings.
     #[arg(long, default_value = "{}")]
     payload: String,
     /// A whole envelope instead of the flags above: inline JSON, @file.json, or -.
@@ -159,12 +160,14 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Result<ExitC
             | PublishError::Broker { .. }),
         ) => {
             super::print_error(&error);
+            crate::broker::quietly(connection.close(200, "not published".into())).await;
             return Ok(ExitCode::from(UNDELIVERED));
         }
         Err(error) => return Err(error.into()),
     }
     let Some(mut replies) = replies else {
         printed(out!("published {key}"));
+        crate::broker::quietly(connection.close(200, "published".into())).await;
         return Ok(ExitCode::SUCCESS);
     };
     let reply = tokio::time::timeout(Duration::from_secs(args.timeout), replies.next()).await;
@@ -189,7 +192,7 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Result<ExitC
             ExitCode::from(UNDELIVERED)
         }
     };
-    let _ = connection.close(200, "published".into()).await;
+    crate::broker::quietly(connection.close(200, "published".into())).await;
     Ok(code)
 }
 
