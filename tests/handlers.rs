@@ -9,6 +9,7 @@ use common::TestDb;
 use common::seed::{self, Ts};
 use opsgate::envelope::Envelope;
 use opsgate::handlers::{HandlerError, dispatch};
+use opsgate::ingest::{self, IngestOptions, Next, Outcome, Status};
 use opsgate::ledger::{self, NextAction};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -214,6 +215,738 @@ fn exception_payload(approver: &str, expires_at: DateTime<Utc>) -> Value {
         "expires_at": expires_at,
         "compensating_controls": {"monitoring": "paged"},
     })
+}
+
+// --- release_created --------------------------------------------------------
+
+/// One first delivery of `envelope` through the whole ingest path, ledger
+/// included: the outcome a producer is answered with.
+async fn ingest_once(db: &TestDb, envelope: &Envelope) -> Outcome {
+    let body = serde_json::to_vec(envelope).unwrap();
+    let options = IngestOptions {
+        max_body_bytes: 1 << 20,
+        writer: "test".into(),
+    };
+    ingest::process(&db.pool, &body, 1, true, &options)
+        .await
+        .expect("PostgreSQL is up")
+}
+
+/// (processing_status, response_code, error_detail) of each attempt of `key`.
+async fn ledger_rows(db: &TestDb, key: &str) -> Vec<(String, i16, Option<String>)> {
+    sqlx::query_as(
+        "SELECT processing_status::text, response_code, error_detail FROM ops.event_ingest_log
+         WHERE idempotency_key = $1 ORDER BY received_at",
+    )
+    .bind(key)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// Asserts that `envelope` is refused for good with `code` and an error
+/// containing `needle`: dead-lettered, and recorded so in the ledger.
+async fn assert_refused(db: &TestDb, envelope: &Envelope, code: u16, needle: &str) {
+    let outcome = ingest_once(db, envelope).await;
+    assert_eq!(
+        (outcome.status, outcome.code, outcome.next, &outcome.result),
+        (Status::Rejected, code, Next::DeadLetter, &None),
+        "{outcome:?}"
+    );
+    let error = outcome.error.unwrap_or_default();
+    assert!(error.contains(needle), "{needle:?} not in {error:?}");
+    assert_eq!(
+        ledger_rows(db, &envelope.idempotency_key).await,
+        [("rejected".to_owned(), i16::try_from(code).unwrap(), Some(error))]
+    );
+}
+
+fn release_payload(project: &str, release_name: &str, source_ref: &str) -> Value {
+    json!({"project": project, "release_name": release_name, "environment_target": "production",
+           "source_ref": source_ref, "initiating_actor": "dev-1"})
+}
+
+/// (project, release_name, environment_target, source_ref, initiating_actor,
+/// scope_metadata, status, created_by)
+type ReleaseRow = (String, String, String, String, String, Value, String, String);
+
+async fn release_row(db: &TestDb, release_id: Uuid) -> Option<ReleaseRow> {
+    sqlx::query_as(
+        "SELECT project, release_name, environment_target::text, source_ref, initiating_actor, scope_metadata,
+                status::text, created_by
+         FROM ops.releases WHERE release_id = $1",
+    )
+    .bind(release_id)
+    .fetch_optional(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn release_created_records_the_release_and_its_four_pending_gates() {
+    let db = TestDb::new().await;
+    let r = Uuid::new_v4();
+    let result = ok(
+        &db,
+        "release_created",
+        r,
+        None,
+        json!({"project": "acme/crm", "release_name": "v2026.02.4", "environment_target": "staging",
+               "source_ref": "release/v2026.02.4", "initiating_actor": "alice",
+               "scope_metadata": {"modules": ["sale", "stock"]}}),
+    )
+    .await;
+    assert_eq!(
+        result,
+        json!({"release_id": r, "project": "acme/crm", "release_name": "v2026.02.4", "status": "draft",
+               "gates": ["G1", "G2", "G3", "G4"]})
+    );
+    assert_eq!(
+        release_row(&db, r).await,
+        Some((
+            "acme/crm".to_owned(),
+            "v2026.02.4".to_owned(),
+            "staging".to_owned(),
+            "release/v2026.02.4".to_owned(),
+            "alice".to_owned(),
+            json!({"modules": ["sale", "stock"]}),
+            "draft".to_owned(),
+            SOURCE.to_owned()
+        ))
+    );
+    assert_eq!(
+        seed::gate_statuses(&db.pool, r).await,
+        ["G1", "G2", "G3", "G4"].map(|gate| (gate.to_owned(), "pending".to_owned()))
+    );
+
+    let other = Uuid::new_v4();
+    let mut bad_target = release_payload("acme/crm", "v2", SHA);
+    bad_target["environment_target"] = json!("qa");
+    assert_rejected(
+        fails(&db, "release_created", other, None, bad_target).await,
+        400,
+        "environment_target \"qa\"",
+    );
+    assert_eq!(release_row(&db, other).await, None);
+}
+
+/// A release id, and a release name within its project, are taken once: a
+/// second release_created under either is a final 409 that changes nothing.
+#[tokio::test]
+async fn release_created_refuses_a_known_release_id_or_a_taken_name_with_409() {
+    let db = TestDb::new().await;
+    let r = Uuid::new_v4();
+    let first = envelope(
+        "release_created",
+        r,
+        None,
+        release_payload("acme/odoo", "v1", SHA),
+    );
+    assert_eq!(ingest_once(&db, &first).await.status, Status::Accepted);
+    let stored = release_row(&db, r).await.expect("the release was created");
+
+    // The same id under a new key, with another project, name and commit, or
+    // with the very same payload.
+    let known_id = format!("release {r} already exists as acme/odoo/v1");
+    for payload in [
+        release_payload("acme/crm", "v9", "f00dfeed"),
+        release_payload("acme/odoo", "v1", SHA),
+    ] {
+        assert_refused(
+            &db,
+            &envelope("release_created", r, None, payload),
+            409,
+            &known_id,
+        )
+        .await;
+    }
+
+    // The same project and name under another id.
+    let second = Uuid::new_v4();
+    assert_refused(
+        &db,
+        &envelope(
+            "release_created",
+            second,
+            None,
+            release_payload("acme/odoo", "v1", "f00dfeed"),
+        ),
+        409,
+        &format!("acme/odoo/v1 is already release {r}"),
+    )
+    .await;
+    assert_eq!(release_row(&db, second).await, None);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM ops.release_gates WHERE release_id = $1",
+            second
+        )
+        .await,
+        0
+    );
+
+    // The name is unique within its project only; a known id is reported
+    // before a name taken by another release.
+    let elsewhere = Uuid::new_v4();
+    ok(
+        &db,
+        "release_created",
+        elsewhere,
+        None,
+        release_payload("acme/crm", "v1", SHA),
+    )
+    .await;
+    assert_refused(
+        &db,
+        &envelope(
+            "release_created",
+            elsewhere,
+            None,
+            release_payload("acme/odoo", "v1", SHA),
+        ),
+        409,
+        &format!("release {elsewhere} already exists as acme/crm/v1"),
+    )
+    .await;
+
+    assert_eq!(release_row(&db, r).await, Some(stored));
+    assert_eq!(
+        ledger_rows(&db, &first.idempotency_key).await,
+        [("accepted".to_owned(), 200, None)]
+    );
+}
+
+// --- build_complete ---------------------------------------------------------
+
+const GIT_SHA: &str = "9fceb02d0ae598e95dc970b74767f19372d61af8";
+
+/// (release_id, git_sha, branch, commit_message, author, built_at,
+/// image_digest, lock_file_hashes, ci_run_url, created_by)
+type BuildRow = (
+    Uuid,
+    String,
+    String,
+    String,
+    String,
+    Ts,
+    Option<String>,
+    Value,
+    Option<String>,
+    String,
+);
+
+async fn build_row(db: &TestDb, build_id: Uuid) -> BuildRow {
+    sqlx::query_as(
+        "SELECT release_id, git_sha, branch, commit_message, author, built_at, image_digest, lock_file_hashes,
+                ci_run_url, created_by
+         FROM ops.builds WHERE build_id = $1",
+    )
+    .bind(build_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// (release_id, gate_code, check_name, source_system, status, artifact_ref,
+/// deployment_id, observed_at, metadata, created_by)
+type CheckRow = (
+    Uuid,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<Uuid>,
+    Ts,
+    Value,
+    String,
+);
+
+async fn check_row(db: &TestDb, check_id: Uuid) -> CheckRow {
+    sqlx::query_as(
+        "SELECT g.release_id, g.gate_code::text, c.check_name, c.source_system, c.status::text, c.artifact_ref,
+                c.deployment_id, c.observed_at, c.metadata, c.created_by
+         FROM ops.gate_checks c JOIN ops.release_gates g USING (gate_id) WHERE c.check_id = $1",
+    )
+    .bind(check_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// (release_id, gate_id, check_id, deployment_id, environment, artifact_type,
+/// source_system, artifact_url, sha256, metadata, created_by)
+type EvidenceRow = (
+    Option<Uuid>,
+    Option<Uuid>,
+    Option<Uuid>,
+    Option<Uuid>,
+    Option<String>,
+    String,
+    String,
+    String,
+    Option<String>,
+    Value,
+    String,
+);
+
+const CHECKS_OF_RELEASE: &str =
+    "SELECT count(*) FROM ops.gate_checks c JOIN ops.release_gates g USING (gate_id) WHERE g.release_id = $1";
+
+#[tokio::test]
+async fn build_complete_records_the_manifest_its_g1_check_and_the_build_log() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    let digest = format!("sha256:{}", "4c".repeat(32));
+    let lock_hash = "0b".repeat(32);
+    let log_sha = "c".repeat(64);
+    let built_at = seed::now() - Duration::minutes(10);
+    let build = envelope(
+        "build_complete",
+        r,
+        Some("G1"),
+        json!({
+            "status": "pass",
+            "check_name": "compile",
+            "git_sha": GIT_SHA,
+            "branch": "release/v1",
+            "commit_message": "Release v1",
+            "author": "alice",
+            "built_at": built_at,
+            "image_digest": digest,
+            "lock_file_hashes": {"requirements.txt": lock_hash},
+            "ci_run_url": "https://ci/runs/4711",
+            "build_log_url": "https://ci/runs/4711/logs",
+            "build_log_sha256": log_sha,
+            "metadata": {"runner": "ubuntu-24.04"},
+        }),
+    );
+    let result = apply(&db, &build).await.unwrap();
+    assert_eq!(
+        (&result["gate_code"], &result["gate_status"]),
+        (&json!("G1"), &json!("passed"))
+    );
+    let build_id = id_of(&result["build_id"]);
+    let check_id = id_of(&result["check_id"]);
+    let artifact_id = id_of(&result["artifact_id"]);
+
+    assert_eq!(
+        build_row(&db, build_id).await,
+        (
+            r,
+            GIT_SHA.to_owned(),
+            "release/v1".to_owned(),
+            "Release v1".to_owned(),
+            "alice".to_owned(),
+            built_at,
+            Some(digest),
+            json!({"requirements.txt": lock_hash}),
+            Some("https://ci/runs/4711".to_owned()),
+            SOURCE.to_owned()
+        )
+    );
+    // Observed when the build finished, pointing at the CI run, naming its build.
+    assert_eq!(
+        check_row(&db, check_id).await,
+        (
+            r,
+            "G1".to_owned(),
+            "compile".to_owned(),
+            SOURCE.to_owned(),
+            "pass".to_owned(),
+            Some("https://ci/runs/4711".to_owned()),
+            None,
+            built_at,
+            json!({"runner": "ubuntu-24.04", "build_id": build_id, "git_sha": GIT_SHA}),
+            SOURCE.to_owned()
+        )
+    );
+    let evidence: EvidenceRow = sqlx::query_as(
+        "SELECT release_id, gate_id, check_id, deployment_id, environment::text, artifact_type::text,
+                source_system, artifact_url, sha256::text, metadata, created_by
+         FROM ops.evidence_artifacts WHERE artifact_id = $1",
+    )
+    .bind(artifact_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        evidence,
+        (
+            Some(r),
+            Some(seed::gate(&db.pool, r, "G1").await),
+            Some(check_id),
+            None,
+            None,
+            "build_log".to_owned(),
+            SOURCE.to_owned(),
+            "https://ci/runs/4711/logs".to_owned(),
+            Some(log_sha),
+            json!({"build_id": build_id}),
+            SOURCE.to_owned()
+        )
+    );
+    for table in [
+        "SELECT count(*) FROM ops.builds WHERE release_id = $1",
+        CHECKS_OF_RELEASE,
+        "SELECT count(*) FROM ops.evidence_artifacts WHERE release_id = $1",
+    ] {
+        assert_eq!(count(&db, table, r).await, 1, "{table}");
+    }
+}
+
+/// Without build_log_url no evidence is written (a build_log_sha256 alone is
+/// not stored) and artifact_id is null; the optional fields take their
+/// documented defaults.
+#[tokio::test]
+async fn a_build_without_a_log_url_writes_no_evidence_and_takes_the_defaults() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    let git_sha = "ab".repeat(32);
+    let build = envelope(
+        "build_complete",
+        r,
+        None,
+        json!({"status": "fail", "git_sha": git_sha, "branch": "main", "author": "bob",
+               "build_log_sha256": "d".repeat(64)}),
+    );
+    let result = apply(&db, &build).await.unwrap();
+    assert_eq!(result.get("artifact_id"), Some(&Value::Null), "{result}");
+    assert_eq!(
+        (&result["gate_code"], &result["gate_status"]),
+        (&json!("G1"), &json!("failed"))
+    );
+    let build_id = id_of(&result["build_id"]);
+    assert_eq!(
+        build_row(&db, build_id).await,
+        (
+            r,
+            git_sha.clone(),
+            "main".to_owned(),
+            String::new(),
+            "bob".to_owned(),
+            build.emitted_at,
+            None,
+            json!({}),
+            None,
+            SOURCE.to_owned()
+        )
+    );
+    assert_eq!(
+        check_row(&db, id_of(&result["check_id"])).await,
+        (
+            r,
+            "G1".to_owned(),
+            "build".to_owned(),
+            SOURCE.to_owned(),
+            "fail".to_owned(),
+            None,
+            None,
+            build.emitted_at,
+            json!({"build_id": build_id, "git_sha": git_sha}),
+            SOURCE.to_owned()
+        )
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM ops.evidence_artifacts WHERE release_id = $1",
+            r
+        )
+        .await,
+        0
+    );
+
+    // With only the log URL, the check points at the log; the later pass of
+    // the same check name passes G1.
+    let logged = ok(
+        &db,
+        "build_complete",
+        r,
+        None,
+        json!({"status": "pass", "git_sha": git_sha, "branch": "main", "author": "bob",
+               "build_log_url": "https://ci/log"}),
+    )
+    .await;
+    assert_eq!(logged["gate_status"], "passed");
+    let check = check_row(&db, id_of(&logged["check_id"])).await;
+    assert_eq!(check.5.as_deref(), Some("https://ci/log"));
+    let log: (String, Option<String>) = sqlx::query_as(
+        "SELECT artifact_url, sha256::text FROM ops.evidence_artifacts WHERE artifact_id = $1",
+    )
+    .bind(id_of(&logged["artifact_id"]))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(log, ("https://ci/log".to_owned(), None));
+}
+
+#[tokio::test]
+async fn build_complete_is_refused_for_another_gate_and_for_malformed_values() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    let valid = json!({"status": "pass", "git_sha": GIT_SHA, "branch": "main", "author": "alice"});
+    let with = |field: &str, value: Value| {
+        let mut payload = valid.clone();
+        payload[field] = value;
+        payload
+    };
+    for gate in ["G2", "G3", "G4"] {
+        assert_rejected(
+            fails(&db, "build_complete", r, Some(gate), valid.clone()).await,
+            400,
+            "build_complete is a G1 event",
+        );
+    }
+    assert_rejected(
+        fails(&db, "build_complete", r, None, with("status", json!("done"))).await,
+        400,
+        "check status \"done\"",
+    );
+    assert_rejected(
+        fails(
+            &db,
+            "build_complete",
+            r,
+            None,
+            with("built_at", json!(Utc::now() + Duration::hours(1))),
+        )
+        .await,
+        422,
+        "built_at",
+    );
+
+    // Values the schema refuses: 422, naming the constraint. The later ones
+    // fail after the build row was written, which goes too.
+    let mut bad_log_sha = with("build_log_url", json!("https://ci/log"));
+    bad_log_sha["build_log_sha256"] = json!("xyz");
+    for (payload, constraint) in [
+        (
+            with("git_sha", json!(GIT_SHA.to_uppercase())),
+            "builds_git_sha_check",
+        ),
+        (with("git_sha", json!("9fceb02")), "builds_git_sha_check"),
+        (
+            with("image_digest", json!("4c".repeat(32))),
+            "builds_image_digest_check",
+        ),
+        (
+            with("lock_file_hashes", json!({"Cargo.lock": "abc"})),
+            "builds_lock_file_hashes_sha256",
+        ),
+        (with("branch", json!("\t")), "builds_branch_check"),
+        (with("author", json!(" ")), "builds_author_check"),
+        (with("check_name", json!(" ")), "gate_checks_check_name_check"),
+        (
+            with("build_log_url", json!(" ")),
+            "evidence_artifacts_artifact_url_check",
+        ),
+        (bad_log_sha, "sha256_hex_check"),
+    ] {
+        assert_refused(
+            &db,
+            &envelope("build_complete", r, None, payload),
+            422,
+            constraint,
+        )
+        .await;
+    }
+
+    for table in [
+        "SELECT count(*) FROM ops.builds WHERE release_id = $1",
+        CHECKS_OF_RELEASE,
+        "SELECT count(*) FROM ops.evidence_artifacts WHERE release_id = $1",
+    ] {
+        assert_eq!(count(&db, table, r).await, 0, "{table}");
+    }
+    assert_eq!(seed::gate_status(&db.pool, r, "G1").await, "pending");
+}
+
+// --- check_result -----------------------------------------------------------
+
+/// A check lands on the gate it names and that gate alone follows: a pass is
+/// a fact (in progress), a failing check fails it.
+#[tokio::test]
+async fn check_result_on_g2_and_g3_is_stored_on_that_gate_and_decides_it() {
+    let db = TestDb::new().await;
+    for gate in ["G2", "G3"] {
+        let r = release(&db).await;
+        let observed_at = seed::now() - Duration::minutes(3);
+        let passed = ok(
+            &db,
+            "check_result",
+            r,
+            Some(gate),
+            json!({"check_name": "e2e", "status": "pass", "artifact_ref": "https://ci/e2e",
+                   "observed_at": observed_at, "metadata": {"tests": 12}}),
+        )
+        .await;
+        assert_eq!(
+            (&passed["gate_code"], &passed["gate_status"]),
+            (&json!(gate), &json!("in_progress")),
+            "{gate}"
+        );
+        assert_eq!(
+            check_row(&db, id_of(&passed["check_id"])).await,
+            (
+                r,
+                gate.to_owned(),
+                "e2e".to_owned(),
+                SOURCE.to_owned(),
+                "pass".to_owned(),
+                Some("https://ci/e2e".to_owned()),
+                None,
+                observed_at,
+                json!({"tests": 12}),
+                SOURCE.to_owned()
+            )
+        );
+
+        let failed = ok(
+            &db,
+            "check_result",
+            r,
+            Some(gate),
+            json!({"check_name": "security_scan", "status": "fail"}),
+        )
+        .await;
+        assert_eq!(failed["gate_status"], "failed", "{gate}");
+        let expected: Vec<(String, String)> = ["G1", "G2", "G3", "G4"]
+            .into_iter()
+            .map(|code| {
+                let status = if code == gate { "failed" } else { "pending" };
+                (code.to_owned(), status.to_owned())
+            })
+            .collect();
+        assert_eq!(seed::gate_statuses(&db.pool, r).await, expected);
+    }
+}
+
+/// A G4 check counts as a health check of the deployment it names; one that
+/// names no deployment confirms nothing.
+#[tokio::test]
+async fn check_result_on_g4_is_a_health_check_of_its_deployment() {
+    let db = TestDb::new().await;
+    let r = eligible_release(&db).await;
+    let d = Uuid::new_v4();
+    deploy(&db, r, d, "production", "succeeded").await;
+    let g4_of = |deployment_id: Uuid| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT g4_status::text FROM ops.deployments WHERE deployment_id = $1",
+            )
+            .bind(deployment_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+
+    let unattached = ok(
+        &db,
+        "check_result",
+        r,
+        Some("G4"),
+        json!({"check_name": "http_probe", "status": "pass"}),
+    )
+    .await;
+    assert_eq!(unattached["gate_status"], "in_progress");
+    assert_eq!(g4_of(d).await, "pending");
+
+    let probe = envelope(
+        "check_result",
+        r,
+        Some("G4"),
+        json!({"check_name": "http_probe", "status": "pass", "deployment_id": d,
+               "artifact_ref": "https://grafana/probe"}),
+    );
+    let result = apply(&db, &probe).await.unwrap();
+    assert_eq!(
+        (&result["gate_code"], &result["gate_status"]),
+        (&json!("G4"), &json!("passed"))
+    );
+    assert_eq!(g4_of(d).await, "passed");
+    assert_eq!(
+        check_row(&db, id_of(&result["check_id"])).await,
+        (
+            r,
+            "G4".to_owned(),
+            "http_probe".to_owned(),
+            SOURCE.to_owned(),
+            "pass".to_owned(),
+            Some("https://grafana/probe".to_owned()),
+            Some(d),
+            probe.emitted_at,
+            json!({}),
+            SOURCE.to_owned()
+        )
+    );
+
+    // Another release's deployment is a conflict; an unknown one may still arrive.
+    let other = release(&db).await;
+    assert_rejected(
+        fails(
+            &db,
+            "check_result",
+            other,
+            Some("G4"),
+            json!({"check_name": "http_probe", "status": "pass", "deployment_id": d}),
+        )
+        .await,
+        409,
+        "belongs to release",
+    );
+    let unknown = Uuid::new_v4();
+    assert_unknown(
+        fails(
+            &db,
+            "check_result",
+            r,
+            Some("G4"),
+            json!({"check_name": "http_probe", "status": "pass", "deployment_id": unknown}),
+        )
+        .await,
+        "deployment",
+        unknown,
+    );
+    assert_eq!(count(&db, CHECKS_OF_RELEASE, other).await, 0);
+}
+
+#[tokio::test]
+async fn check_result_without_gate_code_or_with_an_unknown_status_is_refused() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    assert_rejected(
+        fails(
+            &db,
+            "check_result",
+            r,
+            None,
+            json!({"check_name": "lint", "status": "pass"}),
+        )
+        .await,
+        400,
+        "check_result needs gate_code",
+    );
+    assert_rejected(
+        fails(
+            &db,
+            "check_result",
+            r,
+            Some("G2"),
+            json!({"check_name": "lint", "status": "green"}),
+        )
+        .await,
+        400,
+        "check status \"green\"",
+    );
+    assert_eq!(count(&db, CHECKS_OF_RELEASE, r).await, 0);
+    assert_eq!(
+        seed::gate_statuses(&db.pool, r).await,
+        ["G1", "G2", "G3", "G4"].map(|gate| (gate.to_owned(), "pending".to_owned()))
+    );
 }
 
 // --- gate_signoff -----------------------------------------------------------
@@ -1592,7 +2325,12 @@ async fn every_handler_waits_for_an_unknown_release() {
     let missing = Uuid::new_v4();
     let some = Uuid::new_v4();
     let later = seed::now() + Duration::hours(1);
-    let events: [(&str, Option<&str>, Value); 11] = [
+    let events: [(&str, Option<&str>, Value); 12] = [
+        (
+            "build_complete",
+            Some("G1"),
+            json!({"status": "pass", "git_sha": GIT_SHA, "branch": "main", "author": "alice"}),
+        ),
         (
             "check_result",
             Some("G1"),
