@@ -17,7 +17,7 @@ use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::envelope::{self, Envelope, Partial, Rejection};
+use crate::envelope::{self, Envelope, MAX_IDEMPOTENCY_KEY_BYTES, Partial, Rejection};
 use crate::handlers::{self, HandlerError};
 use crate::ledger::{self, ClaimRequest, FailedAttempt, FailureStatus, NextAction, PendingResult};
 use crate::text::{MAX_ERROR_BYTES, clipped};
@@ -514,7 +514,12 @@ fn success(envelope: &Envelope, status: Status, result: Value) -> Outcome {
 
 fn failed(failure: &FailedAttempt<'_>, next: Next) -> Outcome {
     Outcome {
-        idempotency_key: failure.partial.idempotency_key.clone(),
+        // A key refused for its length is not sent back or logged whole.
+        idempotency_key: failure
+            .partial
+            .idempotency_key
+            .as_deref()
+            .map(|key| clipped(key, MAX_IDEMPOTENCY_KEY_BYTES).into_owned()),
         status: match failure.status {
             FailureStatus::Rejected => Status::Rejected,
             FailureStatus::Error => Status::Error,

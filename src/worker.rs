@@ -120,7 +120,9 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), W
             declared?;
             consumer::consume(&connection, context.clone(), &cancel).await
         };
-        match session.await {
+        let ended = session.await;
+        reconnector.session_ended();
+        match ended {
             Ok(SessionEnd::Cancelled) => {
                 broker::quietly(connection.close(200, "worker stopping".into())).await;
                 break;

@@ -421,6 +421,12 @@ async fn an_oversized_idempotency_key_is_rejected_and_recorded() {
     assert_eq!(outcome.status, Status::Rejected, "{outcome:?}");
     assert_eq!(outcome.code, 400, "{outcome:?}");
     assert_eq!(outcome.next, Next::DeadLetter);
+    let replied_key = outcome.idempotency_key.as_deref().unwrap_or_default();
+    assert!(
+        replied_key.len() <= 512,
+        "the reply and the log carry {} bytes of key",
+        replied_key.len()
+    );
 
     let rows: Vec<(String, i16, String)> = sqlx::query_as(
         "SELECT idempotency_key, response_code, processing_status::text FROM ops.event_ingest_log",

@@ -427,8 +427,9 @@ async fn the_worker_declares_its_topology_and_drains_what_was_waiting() {
 }
 
 /// On a namespace nobody has declared, the worker declares the whole
-/// topology itself: quorum queues with the delivery limit, the retry tiers,
-/// the dead letters; and producers' messages are routed and processed.
+/// topology itself: quorum queues with the configured delivery limit, the
+/// retry tiers, the dead letters; and producers' messages are routed and
+/// processed.
 #[tokio::test]
 async fn the_worker_declares_the_topology_on_a_fresh_namespace() {
     let db = TestDb::new().await;
@@ -441,36 +442,41 @@ async fn the_worker_declares_the_topology_on_a_fresh_namespace() {
     );
     let topology = topology(&settings);
     let worker = start_worker(&settings);
-    let queues = wait_for_queues(
-        &settings.amqp.namespace,
-        2 + topology.retry_queues().len(),
-        SECS_10,
-    )
-    .await;
-
-    let ingest = &queues[&topology.ingest_queue];
-    assert_eq!(ingest["type"], "quorum", "{ingest}");
-    assert_eq!(ingest["consumers"], 1, "the worker consumes it: {ingest}");
-    let args = arguments(ingest);
-    assert_eq!(args["x-delivery-limit"], 7, "{ingest}");
-    assert_eq!(
-        args["x-dead-letter-exchange"],
-        topology.dead_letter_exchange.as_str()
-    );
-    assert_eq!(queues[&topology.dead_queue]["type"], "quorum");
-    for (name, delay) in topology.retry_queues() {
-        let tier = &queues[&name];
-        assert_eq!(tier["type"], "quorum", "{tier}");
-        let args = arguments(tier);
-        assert_eq!(args["x-message-ttl"], delay.as_millis() as u64, "{tier}");
-        // Back to the ingest queue when the delay is over.
-        assert_eq!(args["x-dead-letter-exchange"], "", "{tier}");
-        assert_eq!(
-            args["x-dead-letter-routing-key"],
-            topology.ingest_queue.as_str(),
-            "{tier}"
+    let connection = opsgate::broker::connect(&settings.amqp, "opsgate-test-inspector")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + SECS_10;
+    while passive_declare(&connection, &topology.ingest_queue).await != Some(1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker consumes its queue"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut queues = vec![topology.dead_queue.clone()];
+    queues.extend(topology.retry_queues().into_iter().map(|(name, _)| name));
+    for queue in &queues {
+        assert!(
+            passive_declare(&connection, queue).await.is_some(),
+            "{queue} exists"
         );
     }
+    // RabbitMQ refuses a declaration whose arguments differ from the
+    // queue's: the same topology is accepted (quorum queues, TTLs, dead
+    // lettering as declared), another delivery limit is not.
+    let channel = connection.create_channel().await.unwrap();
+    topology
+        .declare(&channel)
+        .await
+        .expect("the worker declared exactly this topology");
+    let other_limit =
+        opsgate::broker::Topology::new(&settings.amqp.namespace, topology.retry_delays.clone(), 8);
+    let channel = connection.create_channel().await.unwrap();
+    let refused = other_limit
+        .declare(&channel)
+        .await
+        .expect_err("the delivery limit is 7, not 8");
+    assert!(refused.to_string().contains(&topology.ingest_queue), "{refused}");
 
     // Mandatory publishing through the exchange: unroutable would fail.
     let producer = Producer::new(&settings).await;
@@ -478,65 +484,27 @@ async fn the_worker_declares_the_topology_on_a_fresh_namespace() {
     producer.publish(&release).await;
     let rows = wait_for_status(&db.pool, &key_of(&release), "accepted", SECS_10).await;
     assert_eq!(rows, vec![("accepted".to_owned(), 200)]);
+    let _ = connection.close(200, "test done".into()).await;
     worker.stop().await;
     producer.finish().await;
 }
 
-/// A queue's arguments by name, from `rabbitmqctl`'s JSON: `[name, type,
-/// value]` triples (RabbitMQ 3.x) or an object (newer versions).
-fn arguments(queue: &Value) -> std::collections::HashMap<String, Value> {
-    match &queue["arguments"] {
-        Value::Array(triples) => triples
-            .iter()
-            .filter_map(|triple| Some((triple[0].as_str()?.to_owned(), triple[2].clone())))
-            .collect(),
-        Value::Object(map) => map.clone().into_iter().collect(),
-        _ => std::collections::HashMap::new(),
-    }
-}
-
-/// The broker's own view of the namespace's queues (name, type, arguments,
-/// consumers), once there are `n` of them with the ingest queue consumed.
-async fn wait_for_queues(
-    namespace: &str,
-    n: usize,
-    timeout: Duration,
-) -> std::collections::HashMap<String, Value> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let output = std::process::Command::new("rabbitmqctl")
-            .args([
-                "list_queues",
-                "-q",
-                "--formatter",
-                "json",
-                "name",
-                "type",
-                "arguments",
-                "consumers",
-            ])
-            .output()
-            .expect("rabbitmqctl");
-        let listed: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap_or_default();
-        let ours: std::collections::HashMap<String, Value> = listed
-            .into_iter()
-            .filter(|queue| {
-                queue["name"]
-                    .as_str()
-                    .is_some_and(|name| name.starts_with(namespace))
-            })
-            .map(|queue| (queue["name"].as_str().unwrap_or_default().to_owned(), queue))
-            .collect();
-        let consumed = ours.values().any(|queue| queue["consumers"].as_u64() == Some(1));
-        if ours.len() >= n && consumed {
-            return ours;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "queues of {namespace}: {ours:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+/// The consumer count of `queue`, or `None` when it does not exist.
+async fn passive_declare(connection: &lapin::Connection, queue: &str) -> Option<u32> {
+    let channel = connection.create_channel().await.unwrap();
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .ok()?;
+    let _ = channel.close(200, "inspected".into()).await;
+    Some(declared.consumer_count())
 }
 
 async fn eligible(db: &TestDb, release_id: Uuid, env: &str) -> bool {
@@ -1118,18 +1086,17 @@ async fn sessions_that_end_soon_after_they_begin_back_off() {
         &db,
         &[
             ("OPSGATE__AMQP__URL", url.as_str()),
-            ("OPSGATE__AMQP__RECONNECT_MIN_MS", "100"),
-            ("OPSGATE__AMQP__RECONNECT_MAX_MS", "1600"),
+            ("OPSGATE__AMQP__RECONNECT_MIN_MS", "200"),
+            ("OPSGATE__AMQP__RECONNECT_MAX_MS", "3200"),
         ],
     );
     let worker = start_worker(&settings);
-    // Each gap is the 400 ms session plus the pause: 100-200 ms, then
-    // 200-400, 400-800, 800-1600 and 1600 ms (backon's jitter adds up to
-    // one more delay, within the cap).
+    // Each gap is the 400 ms session plus the pause: steps of 200, 400,
+    // 800, 1600 and 3200 ms, each shortened by up to half.
     let gaps = connection_gaps(&proxy, 6, Duration::from_secs(30)).await;
     worker.stop().await;
     let ms = millis(&gaps);
-    assert!(ms[0] < 900, "first pause is short: {ms:?}");
+    assert!(ms[0] < 1_150, "first pause is short: {ms:?}");
     assert!(ms[3] >= 1_150, "the pause grows: {ms:?}");
     assert!(ms[4] >= 1_950, "up to reconnect_max_ms: {ms:?}");
 }
@@ -1139,25 +1106,30 @@ async fn sessions_that_end_soon_after_they_begin_back_off() {
 #[tokio::test]
 async fn a_healthy_session_resets_the_reconnect_backoff() {
     let db = TestDb::new().await;
-    let proxy = proxy::AmqpProxy::start(proxy::Fault::CutAfter(Duration::from_millis(1_500))).await;
+    let short = Duration::from_millis(200);
+    let sessions = vec![short, short, short, Duration::from_secs(3), short];
+    let proxy = proxy::AmqpProxy::start(proxy::Fault::CutAfterEach(sessions)).await;
     let url = proxy.url();
     let settings = settings_for(
         &db,
         &[
             ("OPSGATE__AMQP__URL", url.as_str()),
-            ("OPSGATE__AMQP__RECONNECT_MIN_MS", "400"),
-            ("OPSGATE__AMQP__RECONNECT_MAX_MS", "1000"),
+            ("OPSGATE__AMQP__RECONNECT_MIN_MS", "300"),
+            ("OPSGATE__AMQP__RECONNECT_MAX_MS", "2400"),
         ],
     );
     let worker = start_worker(&settings);
-    // Without the reset the pauses would be 400-800 ms, then 800-1000.
-    let gaps = connection_gaps(&proxy, 4, Duration::from_secs(30)).await;
+    let gaps = connection_gaps(&proxy, 6, Duration::from_secs(30)).await;
     worker.stop().await;
     let ms = millis(&gaps);
+    // Pauses of 150-300, 300-600 and 600-1200 ms after the short sessions;
+    // without the reset the next ones would be 1200-2400 ms.
+    assert!(ms[2] >= 800, "the backoff grew first: {ms:?}");
     assert!(
-        ms.iter().all(|&gap| gap < 1_500 + 300),
-        "no pause after a healthy session: {ms:?}"
+        ms[3] < 3_000 + 1_000,
+        "no pause after the healthy session: {ms:?}"
     );
+    assert!(ms[4] < 1_300, "the backoff started over: {ms:?}");
 }
 
 /// Shutdown while the broker hangs in the middle of session setup (no
@@ -1185,11 +1157,12 @@ async fn shutdown_during_session_setup_does_not_wait_for_the_broker() {
 /// A message held while PostgreSQL is unreachable cannot be acked once the
 /// broker connection is lost (RabbitMQ redelivers it): the worker stops
 /// holding it and reconnects once the attempt in progress gives up
-/// (database.acquire_timeout_secs), not after worker.shutdown_timeout_secs.
+/// (database.acquire_timeout_secs), not when the database comes back, even
+/// with every transaction slot held, when it is not waiting for a delivery.
 #[tokio::test]
 async fn a_lost_connection_stops_holding_messages_for_postgresql() {
     let db = TestDb::new().await;
-    let proxy = proxy::AmqpProxy::start(proxy::Fault::CutAfter(Duration::from_secs(3))).await;
+    let proxy = proxy::AmqpProxy::start(proxy::Fault::CutOnDemand).await;
     let url = proxy.url();
     let direct = settings_for(&db, &[]);
     let namespace = direct.amqp.namespace.clone();
@@ -1204,21 +1177,44 @@ async fn a_lost_connection_stops_holding_messages_for_postgresql() {
                 "postgres://postgres@127.0.0.1:1/opsgate",
             ),
             ("OPSGATE__DATABASE__ACQUIRE_TIMEOUT_SECS", "1"),
+            ("OPSGATE__WORKER__MAX_TRANSACTIONS", "1"),
             ("OPSGATE__WORKER__SHUTDOWN_TIMEOUT_SECS", "15"),
         ],
     );
-    let worker = start_worker(&settings);
     let producer = Producer::new(&direct).await;
-    // Published once the worker consumes (the topology is its declaration).
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let worker = start_worker(&settings);
+    producer.wait_for_consumers(1, SECS_10).await;
     producer.publish(&release_created(fresh_release(), "v1")).await;
+    // Delivered (no longer ready in the queue), so held by the worker.
+    let deadline = std::time::Instant::now() + SECS_10;
+    while producer.ready_count().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker takes the message"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let gaps = connection_gaps(&proxy, 2, Duration::from_secs(30)).await;
+    let cut_at = std::time::Instant::now();
+    proxy.cut();
+    let deadline = cut_at + Duration::from_secs(30);
+    let reconnected = loop {
+        if let Some(at) = proxy.accepted().get(1) {
+            break *at;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never reconnected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     worker.stop().await;
     producer.finish().await;
+    let after = reconnected - cut_at;
     assert!(
-        gaps[0] < Duration::from_millis(3_000 + 1_000 + 1_500),
-        "reconnected {gaps:?} after the first connection, whose session lasted 3 s"
+        after < Duration::from_millis(1_000 + 1_500),
+        "reconnected {after:?} after the cut"
     );
 }
 
@@ -1272,7 +1268,9 @@ async fn retries_wait_the_delays_of_the_schedule_in_turn() {
 async fn a_transient_fault_that_outlasts_the_retries_is_dead_lettered_with_503() {
     let db = TestDb::new().await;
     // Waiting for a lock gives up after 300 ms on the worker's connections.
-    let url = format!("{}?options=-c%20lock_timeout%3D300ms", db.settings.url.expose());
+    let base = db.settings.url.expose();
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{separator}options=-c%20lock_timeout%3D300ms");
     let settings = settings_for(&db, &[("OPSGATE__DATABASE__URL", url.as_str())]);
     let producer = Producer::new(&settings).await;
     let worker = start_worker(&settings);

@@ -57,9 +57,9 @@ fn connect_hint(error: &lapin::Error) -> &'static str {
 }
 
 /// The worker's way to RabbitMQ: connects, retrying forever with
-/// exponential backoff and jitter between `reconnect_min_ms` and
-/// `reconnect_max_ms`, so a broker restart or a deploy-order race heals by
-/// itself.
+/// exponential backoff from `reconnect_min_ms` to `reconnect_max_ms`, each
+/// pause shortened by up to half at random, so a broker restart or a
+/// deploy-order race heals by itself.
 ///
 /// One backoff spans failed attempts and short sessions alike: a broker (or
 /// a load balancer in front of it) that accepts connections and drops them
@@ -77,6 +77,8 @@ pub struct Reconnector {
     delays: ExponentialBackoff,
     /// When the current session's connection was made, if there is one.
     connected_at: Option<Instant>,
+    /// How long the last session lasted, once it has ended.
+    last_session: Option<Duration>,
 }
 
 impl Reconnector {
@@ -90,14 +92,24 @@ impl Reconnector {
             max,
             delays: backoff(min, max),
             connected_at: None,
+            last_session: None,
+        }
+    }
+
+    /// Notes that the current session is over, so that its length is what
+    /// it was, without the drain and the closing that follow.
+    pub fn session_ended(&mut self) {
+        if let Some(connected_at) = self.connected_at.take() {
+            self.last_session = Some(connected_at.elapsed());
         }
     }
 
     /// A connection, after the pause the last session's length calls for.
     /// `None` only when `cancel` fires.
     pub async fn connect(&mut self, cancel: &CancellationToken) -> Option<Connection> {
-        if let Some(connected_at) = self.connected_at.take() {
-            if connected_at.elapsed() >= self.max {
+        self.session_ended();
+        if let Some(lasted) = self.last_session.take() {
+            if lasted >= self.max {
                 self.delays = backoff(self.min, self.max);
             } else {
                 let delay = self.next_delay();
@@ -137,9 +149,12 @@ impl Reconnector {
         }
     }
 
+    /// The next step of the backoff, less up to half of it at random: the
+    /// jitter only shortens, so it holds at the cap too, where workers that
+    /// lost the same broker would otherwise retry in lockstep.
     fn next_delay(&mut self) -> Duration {
-        // backon's jitter adds up to one more delay; keep the configured cap.
-        self.delays.next().unwrap_or(self.max).min(self.max)
+        let step = self.delays.next().unwrap_or(self.max).min(self.max);
+        step.mul_f64(1.0 - rand::random::<f64>() / 2.0)
     }
 }
 
@@ -147,7 +162,6 @@ fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
     ExponentialBuilder::default()
         .with_min_delay(min)
         .with_max_delay(max)
-        .with_jitter()
         .without_max_times()
         .build()
 }

@@ -80,6 +80,7 @@ pub async fn consume(
     context: Arc<ConsumerContext>,
     cancel: &CancellationToken,
 ) -> Result<SessionEnd, BrokerError> {
+    let broker_failed = BrokerFailure::watch(connection);
     // A broker that stops answering mid-setup must not hold up a shutdown:
     // until consuming starts there is nothing in flight.
     let opened = tokio::select! {
@@ -117,6 +118,7 @@ pub async fn consume(
         let transaction = tokio::select! {
             () = cancel.cancelled() => break SessionEnd::Cancelled,
             () = publisher_lost.cancelled() => break publishing_channel_closed(),
+            () = broker_failed.token.cancelled() => break broker_failed.session_end(),
             permit = transactions.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => break SessionEnd::Cancelled,
@@ -131,6 +133,7 @@ pub async fn consume(
             let received = tokio::select! {
                 () = cancel.cancelled() => break,
                 () = publisher_lost.cancelled() => break,
+                () = broker_failed.token.cancelled() => break,
                 () = busy.freed.notified(), if !held.is_empty() => {
                     take_free_held(&mut held, &busy, &mut batch, context.batch_size);
                     continue;
@@ -149,10 +152,13 @@ pub async fn consume(
             if let Some(reason) = lost {
                 break SessionEnd::Lost(reason);
             }
-            if publisher_lost.is_cancelled() && !cancel.is_cancelled() {
+            if cancel.is_cancelled() {
+                break SessionEnd::Cancelled;
+            }
+            if publisher_lost.is_cancelled() {
                 break publishing_channel_closed();
             }
-            break SessionEnd::Cancelled;
+            break broker_failed.session_end();
         }
         // Whatever else has already arrived joins the batch, without waiting
         // for more: a quiet queue still gets one-message batches at once.
@@ -199,6 +205,9 @@ pub async fn consume(
         });
         if let Some(reason) = lost {
             break SessionEnd::Lost(reason);
+        }
+        if broker_failed.token.is_cancelled() {
+            break broker_failed.session_end();
         }
     };
 
@@ -256,6 +265,56 @@ async fn open_session(
         .await
         .map_err(channel_error)?;
     Ok((channel, publisher, consumer))
+}
+
+/// Fired when RabbitMQ reports an error on the connection, or closes one of
+/// its channels with an error (e.g. the consuming channel after
+/// `consumer_timeout`). The consume loop learns of a dead consumer only
+/// while it waits for a delivery; when every slot is held (batches waiting
+/// for PostgreSQL), this is what ends the session, so that the held
+/// batches, which can no longer be acked, stop waiting.
+struct BrokerFailure {
+    token: CancellationToken,
+    reason: Arc<std::sync::Mutex<Option<String>>>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl BrokerFailure {
+    fn watch(connection: &Connection) -> BrokerFailure {
+        let token = CancellationToken::new();
+        let reason = Arc::new(std::sync::Mutex::new(None));
+        let mut events = connection.events_listener();
+        let watcher = {
+            let token = token.clone();
+            let reason = reason.clone();
+            tokio::spawn(async move {
+                while let Some(event) = events.next().await {
+                    if let lapin::Event::Error(error) = event {
+                        if let Ok(mut reason) = reason.lock() {
+                            reason.get_or_insert_with(|| format!("RabbitMQ reported an error: {error}"));
+                        }
+                        token.cancel();
+                    }
+                }
+            })
+        };
+        BrokerFailure {
+            token,
+            reason,
+            watcher,
+        }
+    }
+
+    fn session_end(&self) -> SessionEnd {
+        let reason = self.reason.lock().ok().and_then(|reason| reason.clone());
+        SessionEnd::Lost(reason.unwrap_or_else(|| "RabbitMQ reported an error".to_owned()))
+    }
+}
+
+impl Drop for BrokerFailure {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
 }
 
 fn publishing_channel_closed() -> SessionEnd {

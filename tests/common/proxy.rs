@@ -1,7 +1,7 @@
 //! A TCP proxy in front of the real RabbitMQ that misbehaves on purpose, for
 //! faults the broker itself cannot be asked for without disturbing the other
-//! tests: connections cut soon after they are made, and a broker that stops
-//! answering once a client opens its first channel.
+//! tests: connections cut soon after they are made or when the test says,
+//! and a broker that stops answering when a client opens a channel.
 #![allow(dead_code)]
 
 use std::sync::{Arc, Mutex};
@@ -13,22 +13,51 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 /// What the proxy does to each connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Fault {
     /// Forwards both ways, and closes both sides this long after accepting.
     CutAfter(Duration),
+    /// As `CutAfter`, with the n-th connection's own duration (from 0; the
+    /// last one for every connection after).
+    CutAfterEach(Vec<Duration>),
+    /// Forwards both ways until [`AmqpProxy::cut`].
+    CutOnDemand,
     /// Forwards everything until the client's `n`-th `channel.open` (from 1),
     /// then holds back all the client sends: that channel never opens, as
     /// with a broker that hangs mid-setup.
     StallAtChannelOpen(usize),
 }
 
+/// What happens to one connection.
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    CutAfter(Duration),
+    CutOnDemand,
+    StallAtChannelOpen(usize),
+}
+
+impl Fault {
+    fn action_for(&self, nth: usize) -> Action {
+        match self {
+            Fault::CutAfter(after) => Action::CutAfter(*after),
+            Fault::CutAfterEach(durations) => {
+                let last = durations.len().saturating_sub(1);
+                Action::CutAfter(durations.get(nth.min(last)).copied().unwrap_or_default())
+            }
+            Fault::CutOnDemand => Action::CutOnDemand,
+            Fault::StallAtChannelOpen(n) => Action::StallAtChannelOpen(*n),
+        }
+    }
+}
+
 pub struct AmqpProxy {
     pub port: u16,
     /// When each connection was accepted.
     accepted: Arc<Mutex<Vec<Instant>>>,
-    /// Notified each time a frame is held back (`StallChannels`).
+    /// Notified when a connection starts holding back (`StallAtChannelOpen`).
     pub stalled: Arc<Notify>,
+    /// Cuts every open connection (`CutOnDemand`).
+    cut: Arc<Notify>,
     task: JoinHandle<()>,
 }
 
@@ -36,15 +65,29 @@ impl AmqpProxy {
     pub async fn start(fault: Fault) -> AmqpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
         let port = listener.local_addr().expect("proxy address").port();
+        let upstream = broker_address();
         let accepted = Arc::new(Mutex::new(Vec::new()));
         let stalled = Arc::new(Notify::new());
+        let cut = Arc::new(Notify::new());
         let task = {
             let accepted = accepted.clone();
             let stalled = stalled.clone();
+            let cut = cut.clone();
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
-                    accepted.lock().unwrap().push(Instant::now());
-                    tokio::spawn(serve(client, fault, stalled.clone()));
+                    let nth = {
+                        let mut accepted = accepted.lock().unwrap();
+                        accepted.push(Instant::now());
+                        accepted.len() - 1
+                    };
+                    let action = fault.action_for(nth);
+                    tokio::spawn(serve(
+                        client,
+                        upstream.clone(),
+                        action,
+                        stalled.clone(),
+                        cut.clone(),
+                    ));
                 }
             })
         };
@@ -52,17 +95,24 @@ impl AmqpProxy {
             port,
             accepted,
             stalled,
+            cut,
             task,
         }
     }
 
-    /// An AMQP URL through the proxy, with the test broker's credentials.
+    /// The test broker's URL (`OPSGATE_TEST_AMQP_URL` or the local one),
+    /// through the proxy.
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        super::worker::amqp_url().replacen(&broker_address(), &format!("127.0.0.1:{}", self.port), 1)
     }
 
     pub fn accepted(&self) -> Vec<Instant> {
         self.accepted.lock().unwrap().clone()
+    }
+
+    /// Cuts the connections open now (`CutOnDemand`).
+    pub fn cut(&self) {
+        self.cut.notify_waiters();
     }
 }
 
@@ -72,19 +122,39 @@ impl Drop for AmqpProxy {
     }
 }
 
-async fn serve(client: TcpStream, fault: Fault, stalled: Arc<Notify>) {
-    let Ok(broker) = TcpStream::connect(("127.0.0.1", 5672)).await else {
+/// `host:port` of the test broker's URL.
+fn broker_address() -> String {
+    let url = super::worker::amqp_url();
+    let after_scheme = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+    let authority = after_scheme.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5672")
+    }
+}
+
+async fn serve(client: TcpStream, upstream: String, action: Action, stalled: Arc<Notify>, cut: Arc<Notify>) {
+    let Ok(broker) = TcpStream::connect(upstream.as_str()).await else {
         return;
     };
-    match fault {
-        Fault::CutAfter(after) => {
+    // Dropping both streams closes them: the client sees its connection
+    // reset, as when the broker goes away.
+    match action {
+        Action::CutAfter(after) => {
             let (mut client, mut broker) = (client, broker);
             let _ =
                 tokio::time::timeout(after, tokio::io::copy_bidirectional(&mut client, &mut broker)).await;
-            // Dropping both streams closes them: the client sees its
-            // connection reset, as when the broker goes away.
         }
-        Fault::StallAtChannelOpen(n) => {
+        Action::CutOnDemand => {
+            let (mut client, mut broker) = (client, broker);
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => {}
+                () = cut.notified() => {}
+            }
+        }
+        Action::StallAtChannelOpen(n) => {
             let (client_read, mut client_write) = client.into_split();
             let (mut broker_read, broker_write) = broker.into_split();
             let upstream = tokio::spawn(forward_until_channel_open(client_read, broker_write, n, stalled));

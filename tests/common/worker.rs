@@ -259,6 +259,24 @@ impl Producer {
         queue.message_count()
     }
 
+    /// Messages ready in the ingest queue (not those delivered and unacked).
+    pub async fn ready_count(&self) -> u32 {
+        let channel = self.connection.create_channel().await.unwrap();
+        let queue = channel
+            .queue_declare(
+                self.topology.ingest_queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = channel.close(200, "counted".into()).await;
+        queue.message_count()
+    }
+
     /// Waits until `n` consumers consume the ingest queue.
     pub async fn wait_for_consumers(&self, n: u32, timeout: Duration) {
         let deadline = Instant::now() + timeout;
