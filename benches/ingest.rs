@@ -639,6 +639,8 @@ async fn main() {
     let offered = (args.rate * args.seconds) as usize;
     let paced = workload(offered);
     let machine_before = machine_ticks();
+    let cpu_before = cpu_snapshot(&pool, pid).await;
+    let bench_before = cpu_secs(std::process::id());
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -664,6 +666,8 @@ async fn main() {
     }
     let offer_secs = phase_started.elapsed().as_secs_f64();
     let machine_after = machine_ticks();
+    let cpu_after = cpu_snapshot(&pool, pid).await;
+    let bench_cpu = cpu_secs(std::process::id()) - bench_before;
     let deadline = Instant::now() + Duration::from_secs(30);
     while latencies.lock().map(|l| l.len()).unwrap_or(0) < offered && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -680,6 +684,21 @@ async fn main() {
     println!(
         "    machine CPU while offering: {}",
         machine_share(machine_before, machine_after)
+    );
+    // Small transactions cost more per message than the drain's batches.
+    let per_event = |secs: f64| secs * 1000.0 / offered as f64;
+    let postgres: f64 = cpu_after
+        .postgres
+        .iter()
+        .map(|(pid, after)| after - cpu_before.postgres.get(pid).copied().unwrap_or(0.0))
+        .sum();
+    println!(
+        "    CPU per event while offering: PostgreSQL {:.2} ms, worker {:.2} ms, RabbitMQ {:.2} ms, \
+         this benchmark (publishing, replies) {:.2} ms",
+        per_event(postgres),
+        per_event(cpu_after.worker - cpu_before.worker),
+        per_event(cpu_after.rabbitmq - cpu_before.rabbitmq),
+        per_event(bench_cpu)
     );
     println!(
         "    publish -> commit -> reply latency: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
