@@ -297,23 +297,6 @@ async fn take_published(producer: &Producer) -> (serde_json::Value, String) {
     (envelope, message.delivery.routing_key.to_string())
 }
 
-async fn ingest_count(producer: &Producer) -> u32 {
-    producer
-        .publisher
-        .channel()
-        .queue_declare(
-            producer.topology.ingest_queue.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .message_count()
-}
-
 /// `published <key>`, the report of a publish without `--wait`.
 fn published_key(output: &Output) -> String {
     assert_eq!(output.status.code(), Some(0), "{output:?}");
@@ -404,7 +387,7 @@ async fn publish_wait_without_a_worker_times_out_after_timeout_and_exits_3() {
     // --timeout is honoured, not the default 30 s.
     assert!(elapsed < std::time::Duration::from_secs(20), "took {elapsed:?}");
     // It was delivered (not a NO_ROUTE exit 3), only never answered.
-    assert_eq!(ingest_count(&producer).await, 1);
+    assert_eq!(producer.ready_count().await, 1);
     let (envelope, _) = take_published(&producer).await;
     let key = envelope["idempotency_key"].as_str().unwrap();
     assert!(
@@ -467,7 +450,7 @@ async fn publish_reads_the_payload_from_a_file() {
         String::from_utf8_lossy(&output.stderr).contains("cannot read payload file"),
         "{output:?}"
     );
-    assert_eq!(ingest_count(&producer).await, 0);
+    assert_eq!(producer.ready_count().await, 0);
     producer.finish().await;
 }
 

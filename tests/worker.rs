@@ -1071,6 +1071,25 @@ async fn connection_gaps(proxy: &proxy::AmqpProxy, n: usize, timeout: Duration) 
     }
 }
 
+/// Settings of a worker that reaches RabbitMQ through `proxy`, with the
+/// reconnect backoff from `min_ms` to `max_ms`.
+fn reconnecting_through(
+    db: &TestDb,
+    proxy: &proxy::AmqpProxy,
+    min_ms: u64,
+    max_ms: u64,
+) -> opsgate::config::Settings {
+    let (url, min, max) = (proxy.url(), min_ms.to_string(), max_ms.to_string());
+    settings_for(
+        db,
+        &[
+            ("OPSGATE__AMQP__URL", url.as_str()),
+            ("OPSGATE__AMQP__RECONNECT_MIN_MS", min.as_str()),
+            ("OPSGATE__AMQP__RECONNECT_MAX_MS", max.as_str()),
+        ],
+    )
+}
+
 fn millis(gaps: &[Duration]) -> Vec<u128> {
     gaps.iter().map(Duration::as_millis).collect()
 }
@@ -1081,15 +1100,7 @@ fn millis(gaps: &[Duration]) -> Vec<u128> {
 async fn sessions_that_end_soon_after_they_begin_back_off() {
     let db = TestDb::new().await;
     let proxy = proxy::AmqpProxy::start(proxy::Fault::CutAfter(Duration::from_millis(400))).await;
-    let url = proxy.url();
-    let settings = settings_for(
-        &db,
-        &[
-            ("OPSGATE__AMQP__URL", url.as_str()),
-            ("OPSGATE__AMQP__RECONNECT_MIN_MS", "200"),
-            ("OPSGATE__AMQP__RECONNECT_MAX_MS", "3200"),
-        ],
-    );
+    let settings = reconnecting_through(&db, &proxy, 200, 3200);
     let worker = start_worker(&settings);
     // Each gap is the 400 ms session plus the pause: steps of 200, 400,
     // 800, 1600 and 3200 ms, each shortened by up to half.
@@ -1109,15 +1120,7 @@ async fn a_healthy_session_resets_the_reconnect_backoff() {
     let short = Duration::from_millis(200);
     let sessions = vec![short, short, short, Duration::from_secs(3), short];
     let proxy = proxy::AmqpProxy::start(proxy::Fault::CutAfterEach(sessions)).await;
-    let url = proxy.url();
-    let settings = settings_for(
-        &db,
-        &[
-            ("OPSGATE__AMQP__URL", url.as_str()),
-            ("OPSGATE__AMQP__RECONNECT_MIN_MS", "300"),
-            ("OPSGATE__AMQP__RECONNECT_MAX_MS", "2400"),
-        ],
-    );
+    let settings = reconnecting_through(&db, &proxy, 300, 2400);
     let worker = start_worker(&settings);
     let gaps = connection_gaps(&proxy, 6, Duration::from_secs(30)).await;
     worker.stop().await;

@@ -243,11 +243,12 @@ impl Producer {
         }
     }
 
-    pub async fn dead_letter_count(&self) -> u32 {
+    /// The state of one of the namespace's queues (messages ready, consumers).
+    pub async fn queue_state(&self, queue: &str) -> lapin::Queue {
         let channel = self.connection.create_channel().await.unwrap();
-        let queue = channel
+        let state = channel
             .queue_declare(
-                self.topology.dead_queue.as_str().into(),
+                queue.into(),
                 lapin::options::QueueDeclareOptions {
                     passive: true,
                     ..Default::default()
@@ -256,47 +257,30 @@ impl Producer {
             )
             .await
             .unwrap();
-        queue.message_count()
+        let _ = channel.close(200, "inspected".into()).await;
+        state
+    }
+
+    pub async fn dead_letter_count(&self) -> u32 {
+        self.queue_state(&self.topology.dead_queue).await.message_count()
     }
 
     /// Messages ready in the ingest queue (not those delivered and unacked).
     pub async fn ready_count(&self) -> u32 {
-        let channel = self.connection.create_channel().await.unwrap();
-        let queue = channel
-            .queue_declare(
-                self.topology.ingest_queue.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        self.queue_state(&self.topology.ingest_queue)
             .await
-            .unwrap();
-        let _ = channel.close(200, "counted".into()).await;
-        queue.message_count()
+            .message_count()
     }
 
     /// Waits until `n` consumers consume the ingest queue.
     pub async fn wait_for_consumers(&self, n: u32, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        loop {
-            let channel = self.connection.create_channel().await.unwrap();
-            let queue = channel
-                .queue_declare(
-                    self.topology.ingest_queue.as_str().into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
-            let _ = channel.close(200, "counted".into()).await;
-            if queue.consumer_count() >= n {
-                return;
-            }
+        while self
+            .queue_state(&self.topology.ingest_queue)
+            .await
+            .consumer_count()
+            < n
+        {
             assert!(Instant::now() < deadline, "{n} consumers within {timeout:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
