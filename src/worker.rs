@@ -135,13 +135,29 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), W
         broker::quietly(connection.close(200, "reconnecting".into())).await;
     }
 
-    if let Some(sweeper) = sweeper {
-        let _ = sweeper.await;
+    // What is still running after the drain (a sweep, or a message given up
+    // at the shutdown timeout whose statement waits for a lock another
+    // transaction holds) must not keep the process alive: a transaction
+    // whose connection goes away is rolled back.
+    let deadline = tokio::time::Instant::now() + AFTER_DRAIN;
+    if let Some(mut sweeper) = sweeper
+        && tokio::time::timeout_at(deadline, &mut sweeper).await.is_err()
+    {
+        tracing::warn!("a sweep was still running at shutdown; it is rolled back");
+        sweeper.abort();
     }
-    pool.close().await;
+    if tokio::time::timeout_at(deadline, pool.close()).await.is_err() {
+        tracing::warn!(
+            "database connections were still busy at shutdown; their transactions are rolled back"
+        );
+    }
     tracing::info!("worker stopped");
     Ok(())
 }
+
+/// How long the sweeps and the database connections get to finish once the
+/// in-flight messages are done or given up.
+const AFTER_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn declare_topology(
     connection: &lapin::Connection,

@@ -128,3 +128,142 @@ async fn a_worker_killed_mid_flow_leaves_exactly_one_effect_per_event() {
     worker.stop().await;
     producer.finish().await;
 }
+
+/// Advisory-lock waits of the test's database not yet granted: a worker
+/// waiting for a release another transaction holds.
+async fn lock_waits(db: &TestDb) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks
+         WHERE locktype = 'advisory' AND NOT granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+fn signal(child: &Child, name: &str) {
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// Waits for the process to exit; its status and how long it took.
+async fn exit_of(child: &mut Child, within: Duration) -> (std::process::ExitStatus, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (status, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < within,
+            "the worker did not exit within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The worker, told to stop, stops consuming at once and still finishes
+/// the message it is processing (here held up by another transaction on
+/// its release), acks it, and exits 0; for SIGTERM and for Ctrl-C alike.
+#[tokio::test]
+async fn a_signal_stops_consuming_and_the_message_in_flight_is_finished() {
+    for name in ["-TERM", "-INT"] {
+        let db = TestDb::new().await;
+        let settings = settings_for(&db, &[]);
+        let producer = Producer::new(&settings).await;
+        let release_id = Uuid::new_v4();
+        let (reply, _) = {
+            let worker = start_worker(&settings);
+            let reply = producer.request(&release_created(release_id, "v1")).await;
+            worker.stop().await;
+            reply
+        };
+        assert_eq!(reply["status"], "accepted");
+
+        let holder = hold_release_lock(&db, release_id).await;
+        let mut child = spawn_worker(&settings);
+        let events = publish_checks(&producer, release_id, 1).await;
+        let deadline = Instant::now() + SECS_20;
+        while lock_waits(&db).await == 0 {
+            assert!(Instant::now() < deadline, "the worker waits for the release");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        signal(&child, name);
+        // Published once the worker has stopped consuming: it stays queued.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let later = publish_checks(&producer, release_id, 1).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{name}: still finishing its message"
+        );
+        free_release_lock(holder, release_id).await;
+
+        let (status, _) = exit_of(&mut child, SECS_20).await;
+        assert_eq!(status.code(), Some(0), "{name}");
+        assert_eq!(
+            ledger(&db.pool, &key_of(&events[0])).await,
+            vec![("accepted".to_owned(), 200)],
+            "{name}"
+        );
+        assert_eq!(checks(&db).await, 1, "{name}");
+        assert!(ledger(&db.pool, &key_of(&later[0])).await.is_empty(), "{name}");
+        assert_eq!(
+            producer.ready_count().await,
+            1,
+            "{name}: the first acked, the later one never taken"
+        );
+        producer.finish().await;
+    }
+}
+
+/// A message that cannot finish within worker.shutdown_timeout_secs is
+/// left unacked: the worker still exits 0 in time, and the message goes
+/// back to the queue, unapplied, for the next worker.
+#[tokio::test]
+async fn a_message_that_outlasts_the_shutdown_timeout_goes_back_to_the_queue() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[("OPSGATE__WORKER__SHUTDOWN_TIMEOUT_SECS", "2")]);
+    let producer = Producer::new(&settings).await;
+    let release_id = Uuid::new_v4();
+    let worker = start_worker(&settings);
+    let (reply, _) = producer.request(&release_created(release_id, "v1")).await;
+    worker.stop().await;
+    assert_eq!(reply["status"], "accepted");
+
+    let holder = hold_release_lock(&db, release_id).await;
+    let mut child = spawn_worker(&settings);
+    let events = publish_checks(&producer, release_id, 1).await;
+    let deadline = Instant::now() + SECS_20;
+    while lock_waits(&db).await == 0 {
+        assert!(Instant::now() < deadline, "the worker waits for the release");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&child, "-TERM");
+    let (status, took) = exit_of(&mut child, SECS_20).await;
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        took >= Duration::from_millis(1_900),
+        "it gave the message its time: {took:?}"
+    );
+    assert!(took < Duration::from_secs(6), "and no more: {took:?}");
+    assert_eq!(checks(&db).await, 0, "nothing applied");
+    assert_eq!(
+        producer.ready_count().await,
+        1,
+        "the message is back in the queue"
+    );
+
+    free_release_lock(holder, release_id).await;
+    let worker = start_worker(&settings);
+    wait_for_status(&db.pool, &key_of(&events[0]), "accepted", SECS_20).await;
+    worker.stop().await;
+    assert_checks_applied_once(&db.pool, 1).await;
+    producer.finish().await;
+}

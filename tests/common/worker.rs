@@ -62,31 +62,38 @@ pub fn settings_for(db: &TestDb, overrides: &[(&str, &str)]) -> Settings {
 
 /// The settings as environment variables, for a worker run as a subprocess.
 pub fn env_of(settings: &Settings) -> Vec<(String, String)> {
-    vec![
+    let schedule = settings
+        .retry
+        .schedule_secs
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let (amqp, worker) = (&settings.amqp, &settings.worker);
+    [
+        ("DATABASE__URL", settings.database.url.expose().to_owned()),
+        ("AMQP__URL", amqp.url.expose().to_owned()),
+        ("AMQP__NAMESPACE", amqp.namespace.clone()),
+        ("AMQP__PREFETCH", amqp.prefetch.to_string()),
+        ("AMQP__RECONNECT_MIN_MS", amqp.reconnect_min_ms.to_string()),
+        ("AMQP__RECONNECT_MAX_MS", amqp.reconnect_max_ms.to_string()),
+        ("RETRY__SCHEDULE_SECS", schedule),
+        ("SWEEPS__ENABLED", settings.sweeps.enabled.to_string()),
+        ("WORKER__MAX_IN_FLIGHT", worker.max_in_flight.to_string()),
+        ("WORKER__BATCH_SIZE", worker.batch_size.to_string()),
+        ("WORKER__MAX_TRANSACTIONS", worker.max_transactions.to_string()),
         (
-            "OPSGATE__DATABASE__URL".into(),
-            settings.database.url.expose().into(),
+            "WORKER__SHUTDOWN_TIMEOUT_SECS",
+            worker.shutdown_timeout_secs.to_string(),
         ),
-        ("OPSGATE__AMQP__URL".into(), settings.amqp.url.expose().into()),
-        ("OPSGATE__AMQP__NAMESPACE".into(), settings.amqp.namespace.clone()),
         (
-            "OPSGATE__RETRY__SCHEDULE_SECS".into(),
-            settings
-                .retry
-                .schedule_secs
-                .iter()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
+            "WORKER__DATABASE_RETRY_MAX_MS",
+            worker.database_retry_max_ms.to_string(),
         ),
-        ("OPSGATE__SWEEPS__ENABLED".into(), "false".into()),
-        (
-            "OPSGATE__WORKER__SHUTDOWN_TIMEOUT_SECS".into(),
-            settings.worker.shutdown_timeout_secs.to_string(),
-        ),
-        ("OPSGATE__AMQP__RECONNECT_MIN_MS".into(), "200".into()),
-        ("OPSGATE__AMQP__RECONNECT_MAX_MS".into(), "1000".into()),
     ]
+    .into_iter()
+    .map(|(key, value)| (format!("OPSGATE__{key}"), value))
+    .collect()
 }
 
 pub fn topology(settings: &Settings) -> Topology {
