@@ -1328,3 +1328,126 @@ async fn an_envelope_labelled_with_another_content_type_is_accepted() {
     worker.stop().await;
     producer.finish().await;
 }
+
+// --- Bounds on the work taken ---------------------------------------------
+
+/// RabbitMQ pushes at most amqp.prefetch unacked deliveries: with the
+/// database down, the worker holds that many and the rest stay queued.
+#[tokio::test]
+async fn the_worker_takes_at_most_prefetch_deliveries() {
+    let db = TestDb::new().await;
+    let direct = settings_for(&db, &[]);
+    let namespace = direct.amqp.namespace.clone();
+    let settings = settings_for(
+        &db,
+        &[
+            ("OPSGATE__AMQP__NAMESPACE", namespace.as_str()),
+            (
+                "OPSGATE__DATABASE__URL",
+                "postgres://postgres@127.0.0.1:1/opsgate",
+            ),
+            ("OPSGATE__AMQP__PREFETCH", "5"),
+            ("OPSGATE__WORKER__MAX_IN_FLIGHT", "5"),
+        ],
+    );
+    let producer = Producer::new(&direct).await;
+    for i in 0..20 {
+        producer
+            .publish(&release_created(fresh_release(), &format!("v{i}")))
+            .await;
+    }
+    let worker = start_worker(&settings);
+    producer.wait_for_consumers(1, SECS_10).await;
+    let deadline = std::time::Instant::now() + SECS_10;
+    while producer.ready_count().await > 15 {
+        assert!(std::time::Instant::now() < deadline, "the worker takes its share");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(producer.ready_count().await, 15, "no more than the prefetch");
+    worker.stop().await;
+    producer.finish().await;
+}
+
+/// Advisory-lock waits of the test's database not yet granted.
+async fn lock_waits(db: &TestDb) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks
+         WHERE locktype = 'advisory' AND NOT granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// At most worker.max_in_flight messages are processed at once, whatever
+/// the prefetch and the transaction slots would allow.
+#[tokio::test]
+async fn at_most_max_in_flight_messages_are_processed_at_once() {
+    let db = TestDb::new().await;
+    let settings = settings_for(
+        &db,
+        &[
+            ("OPSGATE__WORKER__MAX_IN_FLIGHT", "2"),
+            ("OPSGATE__WORKER__MAX_TRANSACTIONS", "4"),
+            ("OPSGATE__WORKER__BATCH_SIZE", "1"),
+        ],
+    );
+    let producer = Producer::new(&settings).await;
+    let mut releases = Vec::new();
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        let release = seed::release(&db.pool, "dev-1").await;
+        holders.push(hold_release_lock(&db, release).await);
+        releases.push(release);
+    }
+    let worker = start_worker(&settings);
+    for release in &releases {
+        producer.publish(&check_for(*release)).await;
+    }
+    let deadline = std::time::Instant::now() + SECS_10;
+    while lock_waits(&db).await < 2 {
+        assert!(std::time::Instant::now() < deadline, "two messages start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(lock_waits(&db).await, 2, "no more than max_in_flight at once");
+
+    for (holder, release) in holders.into_iter().zip(&releases) {
+        free_release_lock(holder, *release).await;
+    }
+    let applied = wait_for_count(&db.pool, "SELECT count(*) FROM ops.gate_checks", 4, SECS_20).await;
+    assert_eq!(applied, 4);
+    worker.stop().await;
+    producer.finish().await;
+}
+
+/// A producer that asked for a reply gets one, with the final outcome: none
+/// for the attempts retried on the way.
+#[tokio::test]
+async fn only_the_final_outcome_is_replied() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]); // retries after 1 s and 1 s
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+    let orphan = check_for(fresh_release());
+    let (reply, _) = producer.request(&orphan).await;
+    assert_eq!(reply["status"], "rejected", "{reply}");
+    assert_eq!(reply["code"], 409, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("retries exhausted"),
+        "{reply}"
+    );
+    assert_eq!(reply["result"], Value::Null, "{reply}");
+    assert_eq!(
+        ledger(&db.pool, &key_of(&orphan)).await.len(),
+        3,
+        "three attempts, one reply"
+    );
+    worker.stop().await;
+    producer.finish().await;
+}
