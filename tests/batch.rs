@@ -448,3 +448,225 @@ async fn an_oversized_idempotency_key_is_rejected_and_recorded() {
         "the stored key is the key's beginning"
     );
 }
+
+/// Makes every insert into ops.gate_checks fail with the SQLSTATE in
+/// `public.injected_fault` (none while that table is empty).
+async fn inject_check_faults(pool: &PgPool) {
+    sqlx::raw_sql(
+        "CREATE TABLE public.injected_fault (sqlstate text NOT NULL);
+         CREATE FUNCTION public.inject_fault() RETURNS trigger LANGUAGE plpgsql AS
+             $$ DECLARE code text;
+                BEGIN
+                    SELECT sqlstate INTO code FROM public.injected_fault;
+                    IF code IS NOT NULL THEN
+                        RAISE EXCEPTION 'injected %', code USING ERRCODE = code;
+                    END IF;
+                    RETURN NEW;
+                END $$;
+         CREATE TRIGGER inject_fault BEFORE INSERT ON ops.gate_checks
+             FOR EACH ROW EXECUTE FUNCTION public.inject_fault();",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+async fn set_injected_fault(pool: &PgPool, sqlstate: &str) {
+    sqlx::query("DELETE FROM public.injected_fault")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO public.injected_fault VALUES ($1)")
+        .bind(sqlstate)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+async fn count(pool: &PgPool, query: &'static str) -> i64 {
+    sqlx::query_scalar(query).fetch_one(pool).await.unwrap()
+}
+
+/// Real database errors, raised where a handler writes, are answered by
+/// their class: transient ones are retried (or dead-lettered once no retry
+/// is left) and leave nothing behind, permanent ones are refused at once.
+/// Each comes in a batch with an event that succeeds, so the shared
+/// transaction fails first and both are then processed alone.
+#[tokio::test]
+async fn database_errors_are_answered_by_their_class() {
+    let db = TestDb::new().await;
+    let release = fresh_release();
+    let created = process(&db.pool, &bodies(&[release_created(release, "v1")])).await;
+    assert_eq!(created[0].status, Status::Accepted, "{created:?}");
+    inject_check_faults(&db.pool).await;
+
+    let cases: [(&str, Status, u16, Next, &str); 10] = [
+        // Serialization failure, deadlock, canceled, out of memory.
+        ("40001", Status::Error, 503, Next::Retry, "error"),
+        ("40P01", Status::Error, 503, Next::Retry, "error"),
+        ("57014", Status::Error, 503, Next::Retry, "error"),
+        ("53200", Status::Error, 503, Next::Retry, "error"),
+        // Unique and foreign-key violations.
+        ("23505", Status::Rejected, 409, Next::DeadLetter, "rejected"),
+        ("23503", Status::Rejected, 409, Next::DeadLetter, "rejected"),
+        // Check violation, bad value, a PostgreSQL limit, a trigger's rule.
+        ("23514", Status::Rejected, 422, Next::DeadLetter, "rejected"),
+        ("22P02", Status::Rejected, 422, Next::DeadLetter, "rejected"),
+        ("54000", Status::Rejected, 422, Next::DeadLetter, "rejected"),
+        ("P0001", Status::Rejected, 422, Next::DeadLetter, "rejected"),
+    ];
+    let mut checks = Vec::new();
+    for (sqlstate, status, code, next, row) in cases {
+        set_injected_fault(&db.pool, sqlstate).await;
+        let check = g1_check(release, &format!("check_{sqlstate}"), "pass");
+        let other = release_created(fresh_release(), &format!("other-{sqlstate}"));
+        let outcomes = process(&db.pool, &bodies(&[other.clone(), check.clone()])).await;
+        assert_eq!(
+            (outcomes[0].status, outcomes[0].next),
+            (Status::Accepted, Next::Ack),
+            "{sqlstate}: the other event is applied alone: {outcomes:?}"
+        );
+        let outcome = &outcomes[1];
+        assert_eq!(
+            (outcome.status, outcome.code, outcome.next),
+            (status, code, next),
+            "{sqlstate}: {outcome:?}"
+        );
+        assert_eq!(outcome.idempotency_key.as_deref(), Some(key_of(&check).as_str()));
+        let error = outcome.error.as_deref().unwrap_or_default();
+        assert!(
+            error.contains("insert the check") && error.contains(&format!("injected {sqlstate}")),
+            "{sqlstate}: {error}"
+        );
+        assert!(!error.contains("retries exhausted"), "{sqlstate}: {error}");
+        assert_eq!(
+            ledger(&db.pool, &key_of(&check)).await,
+            vec![(row.to_owned(), code as i16)],
+            "{sqlstate}: one ledger row for the attempt"
+        );
+        assert_eq!(
+            ledger(&db.pool, &key_of(&other)).await,
+            vec![("accepted".to_owned(), 200)],
+            "{sqlstate}"
+        );
+        checks.push(check);
+    }
+
+    // No retry left: a transient fault is dead-lettered, and says why.
+    set_injected_fault(&db.pool, "40001").await;
+    let last = g1_check(release, "check_last_attempt", "pass");
+    let body = bodies(std::slice::from_ref(&last));
+    let attempts = [Attempt {
+        body: &body[0],
+        attempt: 6,
+        retries_left: false,
+    }];
+    let outcomes = ingest::process_batch(&db.pool, &attempts, &options())
+        .await
+        .expect("PostgreSQL is up");
+    let outcome = &outcomes[0];
+    assert_eq!(
+        (outcome.status, outcome.code, outcome.next),
+        (Status::Error, 503, Next::DeadLetter),
+        "{outcome:?}"
+    );
+    let error = outcome.error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("injected 40001") && error.contains("retries exhausted"),
+        "{error}"
+    );
+    assert_eq!(
+        ledger(&db.pool, &key_of(&last)).await,
+        vec![("error".to_owned(), 503)]
+    );
+    let attempt: i32 =
+        sqlx::query_scalar("SELECT attempt FROM ops.event_ingest_log WHERE idempotency_key = $1")
+            .bind(key_of(&last))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(attempt, 6, "the ledger row names the attempt");
+    checks.push(last);
+
+    // Nothing of a failed attempt stayed.
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM ops.gate_checks").await, 0);
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM ops.event_ingest_log WHERE processing_status = 'accepted'
+             AND event_type = 'check_result'"
+        )
+        .await,
+        0
+    );
+
+    // Once the fault is gone the very same events are accepted, together.
+    sqlx::raw_sql("DROP TRIGGER inject_fault ON ops.gate_checks")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let outcomes = process(&db.pool, &bodies(&checks)).await;
+    for (outcome, check) in outcomes.iter().zip(&checks) {
+        assert_eq!(
+            (outcome.status, outcome.code, outcome.next),
+            (Status::Accepted, 200, Next::Ack),
+            "{outcome:?}"
+        );
+        assert_eq!(
+            ledger(&db.pool, &key_of(check)).await.last(),
+            Some(&("accepted".to_owned(), 200))
+        );
+    }
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM ops.gate_checks").await,
+        checks.len() as i64
+    );
+}
+
+/// `classify` on errors PostgreSQL really returns, and on the client's own.
+#[tokio::test]
+async fn classify_sorts_sqlstates_into_unavailable_transient_and_permanent() {
+    use opsgate::ingest::{Fault, classify};
+    let db = TestDb::new().await;
+    let cases = [
+        ("08006", Fault::Unavailable),
+        ("57P01", Fault::Unavailable),
+        ("57P03", Fault::Unavailable),
+        ("40001", Fault::Transient),
+        ("40P01", Fault::Transient),
+        ("55P03", Fault::Transient),
+        ("57014", Fault::Transient),
+        ("53100", Fault::Transient),
+        ("53200", Fault::Transient),
+        ("53300", Fault::Transient),
+        ("23505", Fault::Permanent(409)),
+        ("23503", Fault::Permanent(409)),
+        ("23502", Fault::Permanent(422)),
+        ("23514", Fault::Permanent(422)),
+        ("22001", Fault::Permanent(422)),
+        ("22P02", Fault::Permanent(422)),
+        ("54000", Fault::Permanent(422)),
+        ("P0001", Fault::Permanent(422)),
+    ];
+    for (sqlstate, fault) in cases {
+        let error = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DO $$ BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = '{sqlstate}'; END $$"
+        )))
+        .execute(&db.pool)
+        .await
+        .expect_err("raised");
+        assert_eq!(
+            error.as_database_error().and_then(|e| e.code()).as_deref(),
+            Some(sqlstate)
+        );
+        assert_eq!(classify(&error), fault, "{sqlstate}");
+    }
+    assert_eq!(classify(&sqlx::Error::PoolTimedOut), Fault::Unavailable);
+    assert_eq!(classify(&sqlx::Error::PoolClosed), Fault::Unavailable);
+    assert_eq!(
+        classify(&sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset
+        ))),
+        Fault::Unavailable
+    );
+}

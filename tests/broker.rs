@@ -1,11 +1,14 @@
 //! The RabbitMQ layer against the real broker (`OPSGATE_TEST_AMQP_URL`, else
 //! the local one). Every test works in a namespace of its own and deletes it.
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicRejectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicRejectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel, Connection, ErrorKind, ExchangeKind};
 use opsgate::broker::{self, PublishError, Publisher, Topology};
 use opsgate::config::{AmqpSettings, SecretUrl};
 
@@ -433,4 +436,361 @@ async fn a_refused_login_is_told_apart_from_a_broker_that_is_down() {
         .expect_err("nothing listens on port 1")
         .to_string();
     assert!(message.contains("start it"), "{message}");
+}
+
+/// Deletes a namespace's topology when dropped: a test that fails half-way
+/// leaves nothing behind on the shared broker either.
+struct DeleteOnDrop {
+    settings: AmqpSettings,
+    topology: Topology,
+}
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        let (settings, topology) = (self.settings.clone(), self.topology.clone());
+        // Drop is synchronous; a helper thread with its own runtime does the async work.
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            runtime.block_on(async {
+                if let Ok(connection) = broker::connect(&settings, "opsgate-test-cleanup").await {
+                    if let Ok(channel) = connection.create_channel().await {
+                        let _ = topology.delete(&channel).await;
+                    }
+                    let _ = connection.close(200, "cleaned up".into()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// What the broker said when it refused a declaration: its reply code and
+/// text (the channel it was sent on is closed by then).
+fn refusal<T: std::fmt::Debug>(result: Result<T, lapin::Error>) -> (u16, String) {
+    match result {
+        Err(error) => match error.kind() {
+            ErrorKind::ProtocolError(amqp) => (amqp.get_id(), amqp.get_message().to_string()),
+            other => panic!("expected the broker to refuse, got {other:?}"),
+        },
+        Ok(value) => panic!("expected the broker to refuse the declaration, it accepted: {value:?}"),
+    }
+}
+
+async fn declare_exchange(
+    connection: &Connection,
+    name: &str,
+    kind: ExchangeKind,
+    durable: bool,
+) -> Result<(), lapin::Error> {
+    let channel = connection.create_channel().await.expect("channel");
+    let declared = channel
+        .exchange_declare(
+            name.into(),
+            kind,
+            ExchangeDeclareOptions {
+                durable,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    if declared.is_ok() {
+        let _ = channel.close(200, "declared".into()).await;
+    }
+    declared
+}
+
+/// The arguments `queue` of `topology` is declared with, but of type
+/// `queue_type`: RabbitMQ checks the other arguments first, so only these
+/// make a refusal be about the type alone.
+fn queue_arguments(topology: &Topology, queue: &str, queue_type: &str) -> FieldTable {
+    let long = |value: &str| AMQPValue::LongString(value.into());
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), long(queue_type));
+    if queue == topology.dead_queue {
+        arguments.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(broker::DEAD_QUEUE_DELIVERY_LIMIT),
+        );
+        return arguments;
+    }
+    arguments.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+    arguments.insert("x-overflow".into(), long("reject-publish"));
+    if queue == topology.ingest_queue {
+        arguments.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(topology.delivery_limit)),
+        );
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            long(&topology.dead_letter_exchange),
+        );
+        return arguments;
+    }
+    let (_, delay) = topology
+        .retry_queues()
+        .into_iter()
+        .find(|(name, _)| name == queue)
+        .expect("a queue of the topology");
+    arguments.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(delay.as_millis() as i64),
+    );
+    arguments.insert("x-dead-letter-exchange".into(), long(""));
+    arguments.insert("x-dead-letter-routing-key".into(), long(&topology.ingest_queue));
+    arguments
+}
+
+/// Declares `queue` (durable) with `arguments`, on a channel of its own.
+async fn declare_queue(
+    connection: &Connection,
+    queue: &str,
+    arguments: FieldTable,
+) -> Result<lapin::Queue, lapin::Error> {
+    let channel = connection.create_channel().await.expect("channel");
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await;
+    if declared.is_ok() {
+        let _ = channel.close(200, "declared".into()).await;
+    }
+    declared
+}
+
+async fn passive_queue(connection: &Connection, queue: &str) -> Result<lapin::Queue, lapin::Error> {
+    let channel = connection.create_channel().await.expect("channel");
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    if declared.is_ok() {
+        let _ = channel.close(200, "inspected".into()).await;
+    }
+    declared
+}
+
+async fn passive_exchange(connection: &Connection, exchange: &str) -> Result<(), lapin::Error> {
+    let channel = connection.create_channel().await.expect("channel");
+    let declared = channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    if declared.is_ok() {
+        let _ = channel.close(200, "inspected".into()).await;
+    }
+    declared
+}
+
+/// The main exchange is a durable topic exchange, the dead-letter exchange a
+/// durable fanout, and every queue a quorum queue: RabbitMQ refuses a
+/// redeclaration that differs in any of these, and accepts one that does not.
+#[tokio::test]
+async fn exchanges_are_durable_of_their_kind_and_queues_are_quorum() {
+    let harness = Harness::new(vec![Duration::from_secs(1), Duration::from_secs(30)], 3).await;
+    let _cleanup = DeleteOnDrop {
+        settings: settings(&harness.topology.exchange, 3),
+        topology: harness.topology.clone(),
+    };
+    let topology = &harness.topology;
+    let connection = &harness.connection;
+
+    // What the topology was declared as is accepted again.
+    declare_exchange(connection, &topology.exchange, ExchangeKind::Topic, true)
+        .await
+        .expect("the main exchange is a durable topic exchange");
+    declare_exchange(
+        connection,
+        &topology.dead_letter_exchange,
+        ExchangeKind::Fanout,
+        true,
+    )
+    .await
+    .expect("the dead-letter exchange is a durable fanout exchange");
+
+    let (code, text) =
+        refusal(declare_exchange(connection, &topology.exchange, ExchangeKind::Fanout, true).await);
+    assert_eq!(code, 406, "{text}");
+    assert!(text.contains("PRECONDITION_FAILED"), "{text}");
+    assert!(
+        text.contains("'type'") && text.contains("current is 'topic'"),
+        "{text}"
+    );
+
+    let (code, text) =
+        refusal(declare_exchange(connection, &topology.exchange, ExchangeKind::Topic, false).await);
+    assert_eq!(code, 406, "{text}");
+    assert!(text.contains("PRECONDITION_FAILED"), "{text}");
+    assert!(
+        text.contains("'durable'") && text.contains("current is 'true'"),
+        "{text}"
+    );
+
+    let (code, text) = refusal(
+        declare_exchange(
+            connection,
+            &topology.dead_letter_exchange,
+            ExchangeKind::Topic,
+            true,
+        )
+        .await,
+    );
+    assert_eq!(code, 406, "{text}");
+    assert!(text.contains("current is 'fanout'"), "{text}");
+
+    let mut queues = vec![topology.ingest_queue.clone(), topology.dead_queue.clone()];
+    queues.extend(topology.retry_queues().into_iter().map(|(queue, _)| queue));
+    assert_eq!(queues.len(), 4);
+    for queue in &queues {
+        declare_queue(connection, queue, queue_arguments(topology, queue, "quorum"))
+            .await
+            .unwrap_or_else(|error| panic!("{queue} is declared with these arguments: {error}"));
+        let (code, text) =
+            refusal(declare_queue(connection, queue, queue_arguments(topology, queue, "classic")).await);
+        assert_eq!(code, 406, "{queue}: {text}");
+        assert!(text.contains("PRECONDITION_FAILED"), "{queue}: {text}");
+        assert!(
+            text.contains("'x-queue-type'") && text.contains("current is 'quorum'"),
+            "{queue}: {text}"
+        );
+    }
+
+    // The connection survives the closed channels, and the topology as
+    // declared is still accepted as it is.
+    let channel = connection.create_channel().await.expect("channel");
+    topology
+        .declare(&channel)
+        .await
+        .expect("the same declaration again");
+    harness.finish().await;
+}
+
+/// `opsgate setup` run as the real binary, against a fresh namespace.
+fn run_setup(namespace: &str) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_opsgate"));
+    // Only what this test says: nothing inherited picks another broker,
+    // namespace, stage or config directory.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("OPSGATE") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .arg("--config-dir")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+        .arg("setup")
+        .env_remove("ODOO_STAGE")
+        .env_remove("AMQP_URL")
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .env("OPSGATE__AMQP__URL", test_amqp_url())
+        .env("OPSGATE__AMQP__NAMESPACE", namespace)
+        .output()
+        .expect("run opsgate setup")
+}
+
+fn test_amqp_url() -> String {
+    std::env::var("OPSGATE_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opsgate_setup_declares_the_topology_and_can_run_again() {
+    let namespace = namespace();
+    // The topology the binary declares, from the same settings.
+    let env = std::collections::HashMap::from([
+        ("OPSGATE__AMQP__URL".to_owned(), test_amqp_url()),
+        ("OPSGATE__AMQP__NAMESPACE".to_owned(), namespace.clone()),
+    ]);
+    let config_dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config"));
+    let settings = opsgate::config::load_from(config_dir, &env).expect("settings");
+    let topology = opsgate::worker::topology(&settings);
+    assert!(
+        !topology.retry_delays.is_empty(),
+        "the default config has retry tiers"
+    );
+    let mut queues = vec![topology.ingest_queue.clone(), topology.dead_queue.clone()];
+    queues.extend(topology.retry_queues().into_iter().map(|(queue, _)| queue));
+    let _cleanup = DeleteOnDrop {
+        settings: settings.amqp.clone(),
+        topology: topology.clone(),
+    };
+
+    let connection = broker::connect(&settings.amqp, "opsgate-test")
+        .await
+        .expect("connect");
+    for queue in &queues {
+        let (code, text) = refusal(passive_queue(&connection, queue).await);
+        assert_eq!(code, 404, "{queue} exists before setup: {text}");
+    }
+
+    let first = run_setup(&namespace);
+    assert_eq!(first.status.code(), Some(0), "{first:?}");
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(stdout.contains(&topology.ingest_queue), "{stdout}");
+    assert!(stdout.contains(&topology.dead_queue), "{stdout}");
+
+    for queue in &queues {
+        passive_queue(&connection, queue)
+            .await
+            .unwrap_or_else(|error| panic!("queue {queue} should exist after setup: {error}"));
+    }
+    for exchange in [&topology.exchange, &topology.dead_letter_exchange] {
+        passive_exchange(&connection, exchange)
+            .await
+            .unwrap_or_else(|error| panic!("exchange {exchange} should exist after setup: {error}"));
+    }
+    // Declared exactly as the worker declares it (same kinds and arguments:
+    // RabbitMQ refuses a redeclaration that differs), and bound: an event
+    // published to the exchange reaches the ingest queue.
+    let channel = connection.create_channel().await.expect("channel");
+    topology
+        .declare(&channel)
+        .await
+        .expect("the worker's declaration matches what setup declared");
+    let publisher = Publisher::new(&connection, settings.amqp.confirm_timeout())
+        .await
+        .expect("publisher");
+    publisher
+        .publish(
+            &topology.exchange,
+            "build_complete",
+            b"routed",
+            BasicProperties::default(),
+            true,
+        )
+        .await
+        .expect("an event is routed to the ingest queue");
+
+    let second = run_setup(&namespace);
+    assert_eq!(second.status.code(), Some(0), "{second:?}");
+    let kept = passive_queue(&connection, &topology.ingest_queue)
+        .await
+        .expect("the ingest queue");
+    assert_eq!(kept.message_count(), 1, "running setup again keeps the messages");
+
+    let cleanup = connection.create_channel().await.expect("channel");
+    topology.delete(&cleanup).await.expect("delete topology");
+    connection.close(200, "test done".into()).await.expect("close");
 }
