@@ -137,3 +137,24 @@ async fn applied_versions(pool: &PgPool) -> Result<BTreeSet<i64>, sqlx::Error> {
         .await?;
     Ok(versions.into_iter().collect())
 }
+
+/// A database error as people read it: for an error the server returned,
+/// its message, detail and SQLSTATE (`duplicate key value violates unique
+/// constraint "…" (Key (…)=(…) already exists.) [SQLSTATE 23505]`); for any
+/// other, sqlx's own text.
+pub fn describe(error: &sqlx::Error) -> String {
+    let Some(database) = error.as_database_error() else {
+        return error.to_string();
+    };
+    let mut text = database.message().to_owned();
+    if let Some(detail) = database
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .and_then(|e| e.detail())
+    {
+        text.push_str(&format!(" ({detail})"));
+    }
+    if let Some(code) = database.code() {
+        text.push_str(&format!(" [SQLSTATE {code}]"));
+    }
+    text
+}

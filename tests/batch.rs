@@ -539,6 +539,16 @@ async fn database_errors_are_answered_by_their_class() {
             "{sqlstate}: {error}"
         );
         assert!(!error.contains("retries exhausted"), "{sqlstate}: {error}");
+        // The server's message and code, not sqlx's prefix or the line of
+        // PostgreSQL's own source that raised it.
+        assert!(
+            error.ends_with(&format!("[SQLSTATE {sqlstate}]")),
+            "{sqlstate}: {error}"
+        );
+        assert!(
+            !error.contains(" at line ") && !error.contains("error returned from database"),
+            "{error}"
+        );
         assert_eq!(
             ledger(&db.pool, &key_of(&check)).await,
             vec![(row.to_owned(), code as i16)],
