@@ -566,6 +566,7 @@ async fn a_whole_release_goes_from_g1_to_g4_through_the_queue() {
     )
     .await;
     assert_eq!(build["gate_status"], "passed");
+    assert!(eligible(&db, r, "dev").await, "G1 is all dev asks for");
     assert!(!eligible(&db, r, "staging").await, "G2 still missing");
 
     // G2: QA evidence and signoff (n8n agent).
@@ -663,6 +664,7 @@ async fn a_whole_release_goes_from_g1_to_g4_through_the_queue() {
     assert_eq!(health["g4_status"], "passed");
     assert_eq!(gates(&db, r).await, ["passed", "passed", "passed", "passed"]);
     assert_eq!(release_status(&db, r).await, "promoted");
+    assert!(eligible(&db, r, "production").await, "confirmed in production");
 
     // The chain is reconstructible from ops.* alone.
     let ledger_rows: i64 = sqlx::query_scalar(
