@@ -139,22 +139,28 @@ async fn applied_versions(pool: &PgPool) -> Result<BTreeSet<i64>, sqlx::Error> {
 }
 
 /// A database error as people read it: for an error the server returned,
-/// its message, detail and SQLSTATE (`duplicate key value violates unique
-/// constraint "…" (Key (…)=(…) already exists.) [SQLSTATE 23505]`); for any
-/// other, sqlx's own text.
+/// its message and SQLSTATE, then its detail and hint, each clipped
+/// (`duplicate key value violates unique constraint "…" [SQLSTATE 23505]
+/// (Key (…)=(…) already exists.)`); for any other, sqlx's own text.
 pub fn describe(error: &sqlx::Error) -> String {
     let Some(database) = error.as_database_error() else {
         return error.to_string();
     };
     let mut text = database.message().to_owned();
-    if let Some(detail) = database
-        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-        .and_then(|e| e.detail())
-    {
-        text.push_str(&format!(" ({detail})"));
-    }
     if let Some(code) = database.code() {
         text.push_str(&format!(" [SQLSTATE {code}]"));
     }
+    if let Some(postgres) = database.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        // A detail may quote the whole row or value refused.
+        if let Some(detail) = postgres.detail() {
+            text.push_str(&format!(" ({})", crate::text::clipped(detail, DETAIL_BYTES)));
+        }
+        if let Some(hint) = postgres.hint() {
+            text.push_str(&format!(" hint: {}", crate::text::clipped(hint, DETAIL_BYTES)));
+        }
+    }
     text
 }
+
+/// At most this much of a database error's detail and of its hint.
+const DETAIL_BYTES: usize = 300;

@@ -114,15 +114,18 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), W
             // A broker that stops answering mid-setup must not hold up a
             // shutdown: until consuming starts there is nothing in flight.
             let declared = tokio::select! {
-                () = cancel.cancelled() => return Ok(SessionEnd::Cancelled),
+                () = cancel.cancelled() => return Ok((SessionEnd::Cancelled, std::time::Instant::now())),
                 declared = declare_topology(&connection, &context.topology) => declared,
             };
             declared?;
             consumer::consume(&connection, context.clone(), &cancel).await
         };
         let ended = session.await;
-        reconnector.session_ended();
-        match ended {
+        match &ended {
+            Ok((_, ended_at)) => reconnector.session_ended_at(*ended_at),
+            Err(_) => reconnector.session_ended_at(std::time::Instant::now()),
+        }
+        match ended.map(|(end, _)| end) {
             Ok(SessionEnd::Cancelled) => {
                 broker::quietly(connection.close(200, "worker stopping".into())).await;
                 break;

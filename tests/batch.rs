@@ -459,7 +459,8 @@ async fn inject_check_faults(pool: &PgPool) {
                 BEGIN
                     SELECT sqlstate INTO code FROM public.injected_fault;
                     IF code IS NOT NULL THEN
-                        RAISE EXCEPTION 'injected %', code USING ERRCODE = code;
+                        RAISE EXCEPTION 'injected %', code
+                            USING ERRCODE = code, DETAIL = 'detail of ' || code, HINT = 'hint of ' || code;
                     END IF;
                     RETURN NEW;
                 END $$;
@@ -542,7 +543,9 @@ async fn database_errors_are_answered_by_their_class() {
         // The server's message and code, not sqlx's prefix or the line of
         // PostgreSQL's own source that raised it.
         assert!(
-            error.ends_with(&format!("[SQLSTATE {sqlstate}]")),
+            error.ends_with(&format!(
+                "[SQLSTATE {sqlstate}] (detail of {sqlstate}) hint: hint of {sqlstate}"
+            )),
             "{sqlstate}: {error}"
         );
         assert!(

@@ -142,6 +142,20 @@ async fn lock_waits(db: &TestDb) -> i64 {
     .unwrap()
 }
 
+/// Waits until the ingest queue holds `n` ready messages (a quorum queue
+/// takes back the unacked ones of a closed channel a moment later).
+async fn wait_for_ready(producer: &Producer, n: u32) {
+    let deadline = Instant::now() + SECS_10;
+    loop {
+        let ready = producer.ready_count().await;
+        if ready == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{ready} ready in the queue, not {n}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn signal(child: &Child, name: &str) {
     let pid = child.id().to_string();
     assert!(
@@ -177,14 +191,13 @@ async fn a_signal_stops_consuming_and_the_message_in_flight_is_finished() {
         let db = TestDb::new().await;
         let settings = settings_for(&db, &[]);
         let producer = Producer::new(&settings).await;
-        let release_id = Uuid::new_v4();
-        let (reply, _) = {
-            let worker = start_worker(&settings);
-            let reply = producer.request(&release_created(release_id, "v1")).await;
-            worker.stop().await;
-            reply
-        };
-        assert_eq!(reply["status"], "accepted");
+        let (release_id, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let worker = start_worker(&settings);
+        for (release, name) in [(release_id, "v1"), (other, "v2")] {
+            let (reply, _) = producer.request(&release_created(release, name)).await;
+            assert_eq!(reply["status"], "accepted");
+        }
+        worker.stop().await;
 
         let holder = hold_release_lock(&db, release_id).await;
         let mut child = spawn_worker(&settings);
@@ -195,14 +208,19 @@ async fn a_signal_stops_consuming_and_the_message_in_flight_is_finished() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         signal(&child, name);
-        // Published once the worker has stopped consuming: it stays queued.
+        // Published once the worker has stopped consuming (basic.cancel), for
+        // a release nobody holds: it stays in the queue, not pushed to the
+        // worker that is still finishing its message. (A quorum queue counts
+        // a cancelled consumer until its messages are settled, so the
+        // consumer count cannot show the cancel.)
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let later = publish_checks(&producer, release_id, 1).await;
+        let later = publish_checks(&producer, other, 1).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(
             child.try_wait().unwrap().is_none(),
             "{name}: still finishing its message"
         );
+        assert_eq!(producer.ready_count().await, 1, "{name}: nothing more is taken");
         free_release_lock(holder, release_id).await;
 
         let (status, _) = exit_of(&mut child, SECS_20).await;
@@ -214,11 +232,7 @@ async fn a_signal_stops_consuming_and_the_message_in_flight_is_finished() {
         );
         assert_eq!(checks(&db).await, 1, "{name}");
         assert!(ledger(&db.pool, &key_of(&later[0])).await.is_empty(), "{name}");
-        assert_eq!(
-            producer.ready_count().await,
-            1,
-            "{name}: the first acked, the later one never taken"
-        );
+        wait_for_ready(&producer, 1).await;
         producer.finish().await;
     }
 }
@@ -252,13 +266,13 @@ async fn a_message_that_outlasts_the_shutdown_timeout_goes_back_to_the_queue() {
         took >= Duration::from_millis(1_900),
         "it gave the message its time: {took:?}"
     );
-    assert!(took < Duration::from_secs(6), "and no more: {took:?}");
-    assert_eq!(checks(&db).await, 0, "nothing applied");
-    assert_eq!(
-        producer.ready_count().await,
-        1,
-        "the message is back in the queue"
+    // The timeout, then 2 s for what is still busy, and the closing.
+    assert!(
+        took < Duration::from_secs(2 + 2 + 4),
+        "and not much more: {took:?}"
     );
+    assert_eq!(checks(&db).await, 0, "nothing applied");
+    wait_for_ready(&producer, 1).await;
 
     free_release_lock(holder, release_id).await;
     let worker = start_worker(&settings);

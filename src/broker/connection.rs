@@ -96,18 +96,19 @@ impl Reconnector {
         }
     }
 
-    /// Notes that the current session is over, so that its length is what
-    /// it was, without the drain and the closing that follow.
-    pub fn session_ended(&mut self) {
+    /// Notes that the current session ended at `ended_at` (when the loss or
+    /// the shutdown was noticed), so that its length does not include the
+    /// drain and the closing that follow.
+    pub fn session_ended_at(&mut self, ended_at: Instant) {
         if let Some(connected_at) = self.connected_at.take() {
-            self.last_session = Some(connected_at.elapsed());
+            self.last_session = Some(ended_at.saturating_duration_since(connected_at));
         }
     }
 
     /// A connection, after the pause the last session's length calls for.
     /// `None` only when `cancel` fires.
     pub async fn connect(&mut self, cancel: &CancellationToken) -> Option<Connection> {
-        self.session_ended();
+        self.session_ended_at(Instant::now());
         if let Some(lasted) = self.last_session.take() {
             if lasted >= self.max {
                 self.delays = backoff(self.min, self.max);

@@ -9,7 +9,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures_util::{FutureExt, StreamExt};
@@ -74,17 +74,19 @@ pub enum SessionEnd {
     Lost(String),
 }
 
-/// Consumes the ingest queue on `connection` until it fails or `cancel` fires.
+/// Consumes the ingest queue on `connection` until it fails or `cancel`
+/// fires; how the session ended, and when (before the in-flight messages
+/// were drained).
 pub async fn consume(
     connection: &Connection,
     context: Arc<ConsumerContext>,
     cancel: &CancellationToken,
-) -> Result<SessionEnd, BrokerError> {
+) -> Result<(SessionEnd, Instant), BrokerError> {
     let broker_failed = BrokerFailure::watch(connection);
     // A broker that stops answering mid-setup must not hold up a shutdown:
     // until consuming starts there is nothing in flight.
     let opened = tokio::select! {
-        () = cancel.cancelled() => return Ok(SessionEnd::Cancelled),
+        () = cancel.cancelled() => return Ok((SessionEnd::Cancelled, Instant::now())),
         opened = open_session(connection, &context) => opened,
     };
     let (channel, publisher, mut consumer) = opened?;
@@ -115,7 +117,10 @@ pub async fn consume(
         while let Some(finished) = tasks.try_join_next() {
             report_panic(finished);
         }
+        // Biased, the ends of the session first: once one has come, no new
+        // batch may start, however many permits and deliveries are ready.
         let transaction = tokio::select! {
+            biased;
             () = cancel.cancelled() => break SessionEnd::Cancelled,
             () = publisher_lost.cancelled() => break publishing_channel_closed(),
             () = broker_failed.token.cancelled() => break broker_failed.session_end(),
@@ -131,6 +136,7 @@ pub async fn consume(
         let mut lost = None;
         while batch.is_empty() {
             let received = tokio::select! {
+                biased;
                 () = cancel.cancelled() => break,
                 () = publisher_lost.cancelled() => break,
                 () = broker_failed.token.cancelled() => break,
@@ -174,6 +180,14 @@ pub async fn consume(
                 Err(reason) => lost = Some(reason),
             }
         }
+        // An end that came while the batch was put together: its deliveries
+        // are not started; RabbitMQ requeues them when the channel closes.
+        if cancel.is_cancelled() {
+            break SessionEnd::Cancelled;
+        }
+        if broker_failed.token.is_cancelled() {
+            break broker_failed.session_end();
+        }
         let Batch {
             deliveries,
             releases,
@@ -206,10 +220,8 @@ pub async fn consume(
         if let Some(reason) = lost {
             break SessionEnd::Lost(reason);
         }
-        if broker_failed.token.is_cancelled() {
-            break broker_failed.session_end();
-        }
     };
+    let ended_at = Instant::now();
 
     session_over.cancel();
     // Stop the broker pushing more; what it already pushed and we did not
@@ -236,7 +248,7 @@ pub async fn consume(
     }
     super::quietly(publisher.channel().close(200, "worker stopping".into())).await;
     super::quietly(channel.close(200, "worker stopping".into())).await;
-    Ok(end)
+    Ok((end, ended_at))
 }
 
 /// The consuming channel (with its prefetch), the publisher of retries and
