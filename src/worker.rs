@@ -140,18 +140,19 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), W
 
     // What is still running after the drain (a sweep, or a message given up
     // at the shutdown timeout whose statement waits for a lock another
-    // transaction holds) must not keep the process alive: a transaction
-    // whose connection goes away is rolled back.
+    // transaction holds) must not keep the process alive. Its statement is
+    // abandoned: PostgreSQL finishes or rolls back its transaction, and a
+    // message committed but not acked comes back as a duplicate.
     let deadline = tokio::time::Instant::now() + AFTER_DRAIN;
     if let Some(mut sweeper) = sweeper
         && tokio::time::timeout_at(deadline, &mut sweeper).await.is_err()
     {
-        tracing::warn!("a sweep was still running at shutdown; it is rolled back");
+        tracing::warn!("a sweep was still running at shutdown; it is abandoned");
         sweeper.abort();
     }
     if tokio::time::timeout_at(deadline, pool.close()).await.is_err() {
         tracing::warn!(
-            "database connections were still busy at shutdown; their transactions are rolled back"
+            "database connections were still busy at shutdown; their statements are abandoned"
         );
     }
     tracing::info!("worker stopped");
