@@ -151,9 +151,7 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), W
         sweeper.abort();
     }
     if tokio::time::timeout_at(deadline, pool.close()).await.is_err() {
-        tracing::warn!(
-            "database connections were still busy at shutdown; their statements are abandoned"
-        );
+        tracing::warn!("database connections were still busy at shutdown; their statements are abandoned");
     }
     tracing::info!("worker stopped");
     Ok(())

@@ -60,7 +60,9 @@ pub fn settings_for(db: &TestDb, overrides: &[(&str, &str)]) -> Settings {
     opsgate::config::load_from(&config_dir(), &env).expect("test settings")
 }
 
-/// The settings as environment variables, for a worker run as a subprocess.
+/// The settings as environment variables, for opsgate run as a subprocess
+/// (whose own environment should be cleared, so that nothing of the test
+/// runner's `OPSGATE__*` or `ODOO_STAGE` reaches it).
 pub fn env_of(settings: &Settings) -> Vec<(String, String)> {
     let schedule = settings
         .retry
@@ -69,19 +71,36 @@ pub fn env_of(settings: &Settings) -> Vec<(String, String)> {
         .map(u64::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let (amqp, worker) = (&settings.amqp, &settings.worker);
+    let (database, amqp, worker) = (&settings.database, &settings.amqp, &settings.worker);
     [
-        ("DATABASE__URL", settings.database.url.expose().to_owned()),
+        ("DATABASE__URL", database.url.expose().to_owned()),
+        ("DATABASE__MAX_CONNECTIONS", database.max_connections.to_string()),
+        (
+            "DATABASE__ACQUIRE_TIMEOUT_SECS",
+            database.acquire_timeout_secs.to_string(),
+        ),
         ("AMQP__URL", amqp.url.expose().to_owned()),
         ("AMQP__NAMESPACE", amqp.namespace.clone()),
         ("AMQP__PREFETCH", amqp.prefetch.to_string()),
+        ("AMQP__DELIVERY_LIMIT", amqp.delivery_limit.to_string()),
         ("AMQP__RECONNECT_MIN_MS", amqp.reconnect_min_ms.to_string()),
         ("AMQP__RECONNECT_MAX_MS", amqp.reconnect_max_ms.to_string()),
+        (
+            "AMQP__CONFIRM_TIMEOUT_SECS",
+            amqp.confirm_timeout_secs.to_string(),
+        ),
+        (
+            "AMQP__CONNECT_TIMEOUT_SECS",
+            amqp.connect_timeout_secs.to_string(),
+        ),
         ("RETRY__SCHEDULE_SECS", schedule),
+        ("RETRY__JITTER", settings.retry.jitter.to_string()),
         ("SWEEPS__ENABLED", settings.sweeps.enabled.to_string()),
+        ("SWEEPS__INTERVAL_SECS", settings.sweeps.interval_secs.to_string()),
         ("WORKER__MAX_IN_FLIGHT", worker.max_in_flight.to_string()),
         ("WORKER__BATCH_SIZE", worker.batch_size.to_string()),
         ("WORKER__MAX_TRANSACTIONS", worker.max_transactions.to_string()),
+        ("WORKER__MAX_BODY_BYTES", worker.max_body_bytes.to_string()),
         (
             "WORKER__SHUTDOWN_TIMEOUT_SECS",
             worker.shutdown_timeout_secs.to_string(),
@@ -90,6 +109,7 @@ pub fn env_of(settings: &Settings) -> Vec<(String, String)> {
             "WORKER__DATABASE_RETRY_MAX_MS",
             worker.database_retry_max_ms.to_string(),
         ),
+        ("WORKER__DATABASE_ROLE", worker.database_role.clone()),
     ]
     .into_iter()
     .map(|(key, value)| (format!("OPSGATE__{key}"), value))
