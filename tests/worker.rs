@@ -123,6 +123,7 @@ async fn malformed_messages_are_rejected_with_400_and_dead_lettered() {
         "event_type",
     ));
     cases.push(("not JSON".into(), b"{not json".to_vec(), "not JSON"));
+    cases.push(("JSON but not an object".into(), b"[]".to_vec(), "not a JSON object"));
     cases.push(("not UTF-8".into(), vec![0xff, 0xfe, 0x7b], "UTF-8"));
     let mut nul = valid.clone();
     nul["payload"]["release_name"] = json!("v1\u{0}");
