@@ -123,7 +123,11 @@ async fn malformed_messages_are_rejected_with_400_and_dead_lettered() {
         "event_type",
     ));
     cases.push(("not JSON".into(), b"{not json".to_vec(), "not JSON"));
-    cases.push(("JSON but not an object".into(), b"[]".to_vec(), "not a JSON object"));
+    cases.push((
+        "JSON but not an object".into(),
+        b"[]".to_vec(),
+        "not a JSON object",
+    ));
     cases.push(("not UTF-8".into(), vec![0xff, 0xfe, 0x7b], "UTF-8"));
     let mut nul = valid.clone();
     nul["payload"]["release_name"] = json!("v1\u{0}");
@@ -1450,6 +1454,59 @@ async fn only_the_final_outcome_is_replied() {
         ledger(&db.pool, &key_of(&orphan)).await.len(),
         3,
         "three attempts, one reply"
+    );
+    worker.stop().await;
+    producer.finish().await;
+}
+
+/// A retry the broker cannot route (its tier was deleted) is not confirmed,
+/// so the original is not acked: it comes back and is forwarded again once
+/// the tier is there, and nothing is lost.
+#[tokio::test]
+async fn a_retry_that_cannot_be_routed_leaves_the_original_in_the_queue() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]); // one tier: retries after 1 s and 1 s
+    let producer = Producer::new(&settings).await;
+    let tier = producer.topology.retry_queue(0);
+    let channel = producer.connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(
+            tier.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    let worker = start_worker(&settings);
+    producer.wait_for_consumers(1, SECS_10).await;
+    // The worker declared the topology again when it started: delete the
+    // tier once more, now that it is consuming.
+    channel
+        .queue_delete(
+            tier.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+
+    let orphan = check_for(fresh_release());
+    producer.publish(&orphan).await;
+    let first_attempts = "SELECT count(*) FROM ops.event_ingest_log WHERE attempt = 1";
+    let seen = wait_for_count(&db.pool, first_attempts, 2, SECS_10).await;
+    assert!(seen >= 2, "the first attempt came back: {seen}");
+    assert_eq!(
+        producer.dead_letter_count().await,
+        0,
+        "not dead-lettered meanwhile"
+    );
+
+    let declare = producer.connection.create_channel().await.unwrap();
+    producer.topology.declare(&declare).await.unwrap();
+    let (_, headers) = producer.next_dead_letter(SECS_20).await;
+    assert_eq!(header_i64(&headers, "x-opsgate-code"), Some(409));
+    assert_eq!(
+        header_i64(&headers, "x-opsgate-attempt"),
+        Some(3),
+        "every retry ran"
     );
     worker.stop().await;
     producer.finish().await;
