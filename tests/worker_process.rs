@@ -280,3 +280,72 @@ async fn a_message_that_outlasts_the_shutdown_timeout_goes_back_to_the_queue() {
     assert_checks_applied_once(&db.pool, 1).await;
     producer.finish().await;
 }
+
+/// The major.minor version of the local RabbitMQ, when `rabbitmqctl` can
+/// tell it.
+fn local_rabbitmq_version() -> Option<(u32, u32)> {
+    let output = Command::new("rabbitmqctl").arg("version").output().ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut parts = text.trim().split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// A message that kills the worker every time cannot loop forever: past
+/// amqp.delivery_limit returns, RabbitMQ dead-letters it (reason
+/// `delivery_limit`, no opsgate header). From RabbitMQ 4.3 on, a crash no
+/// longer counts as a return, so there is nothing to show there.
+#[tokio::test]
+async fn a_message_that_keeps_killing_the_worker_is_dead_lettered_at_the_delivery_limit() {
+    if local_rabbitmq_version().is_some_and(|version| version >= (4, 3)) {
+        eprintln!("skipped: RabbitMQ 4.3 and later do not count a crash as a return");
+        return;
+    }
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[("OPSGATE__AMQP__DELIVERY_LIMIT", "2")]);
+    let producer = Producer::new(&settings).await;
+    let release_id = Uuid::new_v4();
+    let worker = start_worker(&settings);
+    let (reply, _) = producer.request(&release_created(release_id, "v1")).await;
+    worker.stop().await;
+    assert_eq!(reply["status"], "accepted");
+
+    // Each worker takes the message, waits for the release, and is killed.
+    let holder = hold_release_lock(&db, release_id).await;
+    let events = publish_checks(&producer, release_id, 1).await;
+    for killed in 0..3 {
+        let mut child = spawn_worker(&settings);
+        let deadline = Instant::now() + SECS_20;
+        // The backends of killed workers wait on until the lock is free.
+        while lock_waits(&db).await <= killed {
+            assert!(Instant::now() < deadline, "worker {killed} takes the message");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        child.kill().expect("kill -9");
+        let _ = child.wait();
+    }
+    let (body, headers) = producer.next_dead_letter(SECS_10).await;
+    free_release_lock(holder, release_id).await;
+    assert_eq!(body, serde_json::to_vec(&events[0]).unwrap());
+    assert_eq!(
+        header_i64(&headers, "x-opsgate-code"),
+        None,
+        "RabbitMQ's own dead letter"
+    );
+    let reasons: Vec<String> = match headers.inner().get("x-death") {
+        Some(lapin::types::AMQPValue::FieldArray(deaths)) => deaths
+            .as_slice()
+            .iter()
+            .filter_map(|death| match death {
+                lapin::types::AMQPValue::FieldTable(death) => match death.inner().get("reason") {
+                    Some(lapin::types::AMQPValue::LongString(reason)) => Some(reason.to_string()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect(),
+        other => panic!("no x-death array: {other:?}"),
+    };
+    assert_eq!(reasons, ["delivery_limit"]);
+    assert_eq!(checks(&db).await, 0, "never applied");
+    producer.finish().await;
+}
