@@ -29,6 +29,11 @@ fn defaults_load_for_development() {
         settings.amqp.url.expose(),
         "amqp://guest:guest@127.0.0.1:5672/%2f"
     );
+    // The defaults the producer contract and the runbook promise.
+    assert_eq!(settings.worker.max_body_bytes, 256 * 1024, "413 past 256 KiB");
+    assert_eq!(settings.retry.schedule_secs, [1, 5, 30, 120, 600]);
+    assert_eq!(settings.amqp.namespace, "ops.events");
+    assert_eq!(settings.amqp.delivery_limit, 10);
 }
 
 #[test]
