@@ -1376,18 +1376,6 @@ async fn the_worker_takes_at_most_prefetch_deliveries() {
     producer.finish().await;
 }
 
-/// Advisory-lock waits of the test's database not yet granted.
-async fn lock_waits(db: &TestDb) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM pg_locks
-         WHERE locktype = 'advisory' AND NOT granted
-           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap()
-}
-
 /// At most worker.max_in_flight messages are processed at once, whatever
 /// the prefetch and the transaction slots would allow.
 #[tokio::test]

@@ -128,17 +128,14 @@ async fn a_worker_killed_mid_flow_leaves_exactly_one_effect_per_event() {
     producer.finish().await;
 }
 
-/// Advisory-lock waits of the test's database not yet granted: a worker
-/// waiting for a release another transaction holds.
-async fn lock_waits(db: &TestDb) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM pg_locks
-         WHERE locktype = 'advisory' AND NOT granted
-           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap()
+/// A release created through a worker run in this process, now stopped.
+async fn created_release(settings: &opsgate::config::Settings, producer: &Producer) -> Uuid {
+    let release_id = Uuid::new_v4();
+    let worker = start_worker(settings);
+    let (reply, _) = producer.request(&release_created(release_id, "v1")).await;
+    worker.stop().await;
+    assert_eq!(reply["status"], "accepted");
+    release_id
 }
 
 /// Waits until the ingest queue holds `n` ready messages (a quorum queue
@@ -244,11 +241,7 @@ async fn a_message_that_outlasts_the_shutdown_timeout_goes_back_to_the_queue() {
     let db = TestDb::new().await;
     let settings = settings_for(&db, &[("OPSGATE__WORKER__SHUTDOWN_TIMEOUT_SECS", "2")]);
     let producer = Producer::new(&settings).await;
-    let release_id = Uuid::new_v4();
-    let worker = start_worker(&settings);
-    let (reply, _) = producer.request(&release_created(release_id, "v1")).await;
-    worker.stop().await;
-    assert_eq!(reply["status"], "accepted");
+    let release_id = created_release(&settings, &producer).await;
 
     let holder = hold_release_lock(&db, release_id).await;
     let mut child = spawn_worker(&settings);
@@ -303,11 +296,7 @@ async fn a_message_that_keeps_killing_the_worker_is_dead_lettered_at_the_deliver
     let db = TestDb::new().await;
     let settings = settings_for(&db, &[("OPSGATE__AMQP__DELIVERY_LIMIT", "2")]);
     let producer = Producer::new(&settings).await;
-    let release_id = Uuid::new_v4();
-    let worker = start_worker(&settings);
-    let (reply, _) = producer.request(&release_created(release_id, "v1")).await;
-    worker.stop().await;
-    assert_eq!(reply["status"], "accepted");
+    let release_id = created_release(&settings, &producer).await;
 
     // Each worker takes the message, waits for the release, and is killed.
     let holder = hold_release_lock(&db, release_id).await;

@@ -143,6 +143,19 @@ pub async fn hold_release_lock(
     holder
 }
 
+/// Advisory-lock waits of the test's database not yet granted: a worker
+/// waiting for a release another transaction holds.
+pub async fn lock_waits(db: &TestDb) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks
+         WHERE locktype = 'advisory' AND NOT granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
 pub async fn free_release_lock(mut holder: sqlx::pool::PoolConnection<sqlx::Postgres>, release: uuid::Uuid) {
     sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1::text, 0))")
         .bind(release)
