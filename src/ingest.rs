@@ -181,33 +181,23 @@ async fn settle(
                 )
             }
         }
-        Err(HandlerError::Database { action, source }) => match classify(&source) {
+        Err(HandlerError::Database { action, source }) => {
             // What the producer and the dead-letter headers get: the server's
             // message and its code, without sqlx's prefix and the server's own
             // source line, which reads like a line of the payload.
-            Fault::Unavailable => return Err(DatabaseUnavailable(source)),
-            Fault::Permanent(code) => (
-                FailureStatus::Rejected,
-                code,
-                format!("{action}: {}", crate::database::describe(&source)),
-                Next::DeadLetter,
-            ),
-            Fault::Transient if retries_left => (
-                FailureStatus::Error,
-                503,
-                format!("{action}: {}", crate::database::describe(&source)),
-                Next::Retry,
-            ),
-            Fault::Transient => (
-                FailureStatus::Error,
-                503,
-                format!(
-                    "{action}: {}; retries exhausted",
-                    crate::database::describe(&source)
+            let reason = || format!("{action}: {}", crate::database::describe(&source));
+            match classify(&source) {
+                Fault::Unavailable => return Err(DatabaseUnavailable(source)),
+                Fault::Permanent(code) => (FailureStatus::Rejected, code, reason(), Next::DeadLetter),
+                Fault::Transient if retries_left => (FailureStatus::Error, 503, reason(), Next::Retry),
+                Fault::Transient => (
+                    FailureStatus::Error,
+                    503,
+                    format!("{}; retries exhausted", reason()),
+                    Next::DeadLetter,
                 ),
-                Next::DeadLetter,
-            ),
-        },
+            }
+        }
     };
     let failure = FailedAttempt {
         partial: &partial,

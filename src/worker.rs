@@ -121,9 +121,9 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), W
             consumer::consume(&connection, context.clone(), &cancel).await
         };
         let ended = session.await;
-        match &ended {
-            Ok((_, ended_at)) => reconnector.session_ended_at(*ended_at),
-            Err(_) => reconnector.session_ended_at(std::time::Instant::now()),
+        // A session that failed ends now, which the next connect assumes.
+        if let Ok((_, ended_at)) = &ended {
+            reconnector.session_ended_at(*ended_at);
         }
         match ended.map(|(end, _)| end) {
             Ok(SessionEnd::Cancelled) => {

@@ -1401,11 +1401,7 @@ async fn at_most_max_in_flight_messages_are_processed_at_once() {
     for release in &releases {
         producer.publish(&check_for(*release)).await;
     }
-    let deadline = std::time::Instant::now() + SECS_10;
-    while lock_waits(&db).await < 2 {
-        assert!(std::time::Instant::now() < deadline, "two messages start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_lock_waits(&db, 2, SECS_10).await;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     assert_eq!(lock_waits(&db).await, 2, "no more than max_in_flight at once");
 

@@ -198,11 +198,7 @@ async fn a_signal_stops_consuming_and_the_message_in_flight_is_finished() {
         let holder = hold_release_lock(&db, release_id).await;
         let mut child = spawn_worker(&settings);
         let events = publish_checks(&producer, release_id, 1).await;
-        let deadline = Instant::now() + SECS_20;
-        while lock_waits(&db).await == 0 {
-            assert!(Instant::now() < deadline, "the worker waits for the release");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_lock_waits(&db, 1, SECS_20).await;
         signal(&child, name);
         // Published once the worker has stopped consuming (basic.cancel), for
         // a release nobody holds: it stays in the queue, not pushed to the
@@ -246,11 +242,7 @@ async fn a_message_that_outlasts_the_shutdown_timeout_goes_back_to_the_queue() {
     let holder = hold_release_lock(&db, release_id).await;
     let mut child = spawn_worker(&settings);
     let events = publish_checks(&producer, release_id, 1).await;
-    let deadline = Instant::now() + SECS_20;
-    while lock_waits(&db).await == 0 {
-        assert!(Instant::now() < deadline, "the worker waits for the release");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_lock_waits(&db, 1, SECS_20).await;
     signal(&child, "-TERM");
     let (status, took) = exit_of(&mut child, SECS_20).await;
     assert_eq!(status.code(), Some(0));
@@ -303,12 +295,8 @@ async fn a_message_that_keeps_killing_the_worker_is_dead_lettered_at_the_deliver
     let events = publish_checks(&producer, release_id, 1).await;
     for killed in 0..3 {
         let mut child = spawn_worker(&settings);
-        let deadline = Instant::now() + SECS_20;
         // The backends of killed workers wait on until the lock is free.
-        while lock_waits(&db).await <= killed {
-            assert!(Instant::now() < deadline, "worker {killed} takes the message");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_lock_waits(&db, killed + 1, SECS_20).await;
         child.kill().expect("kill -9");
         let _ = child.wait();
     }

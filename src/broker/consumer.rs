@@ -287,14 +287,15 @@ async fn open_session(
 /// batches, which can no longer be acked, stop waiting.
 struct BrokerFailure {
     token: CancellationToken,
-    reason: Arc<std::sync::Mutex<Option<String>>>,
+    /// The first error reported.
+    reason: Arc<std::sync::OnceLock<String>>,
     watcher: tokio::task::JoinHandle<()>,
 }
 
 impl BrokerFailure {
     fn watch(connection: &Connection) -> BrokerFailure {
         let token = CancellationToken::new();
-        let reason = Arc::new(std::sync::Mutex::new(None));
+        let reason = Arc::new(std::sync::OnceLock::new());
         let mut events = connection.events_listener();
         let watcher = {
             let token = token.clone();
@@ -302,9 +303,7 @@ impl BrokerFailure {
             tokio::spawn(async move {
                 while let Some(event) = events.next().await {
                     if let lapin::Event::Error(error) = event {
-                        if let Ok(mut reason) = reason.lock() {
-                            reason.get_or_insert_with(|| format!("RabbitMQ reported an error: {error}"));
-                        }
+                        let _ = reason.set(format!("RabbitMQ reported an error: {error}"));
                         token.cancel();
                     }
                 }
@@ -318,8 +317,11 @@ impl BrokerFailure {
     }
 
     fn session_end(&self) -> SessionEnd {
-        let reason = self.reason.lock().ok().and_then(|reason| reason.clone());
-        SessionEnd::Lost(reason.unwrap_or_else(|| "RabbitMQ reported an error".to_owned()))
+        let reason = self
+            .reason
+            .get()
+            .map_or("RabbitMQ reported an error", String::as_str);
+        SessionEnd::Lost(reason.to_owned())
     }
 }
 

@@ -156,6 +156,23 @@ pub async fn lock_waits(db: &TestDb) -> i64 {
     .unwrap()
 }
 
+/// Waits until at least `n` lock waits are seen (workers waiting for a
+/// release the test holds), within `timeout`.
+pub async fn wait_for_lock_waits(db: &TestDb, n: i64, timeout: std::time::Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let waits = lock_waits(db).await;
+        if waits >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{waits} lock waits within {timeout:?}, not {n}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn free_release_lock(mut holder: sqlx::pool::PoolConnection<sqlx::Postgres>, release: uuid::Uuid) {
     sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1::text, 0))")
         .bind(release)
