@@ -596,20 +596,36 @@ async fn build_complete_records_the_manifest_its_g1_check_and_the_build_log() {
     }
 }
 
-/// Without build_log_url no evidence is written (a build_log_sha256 alone is
-/// not stored) and artifact_id is null; the optional fields take their
-/// documented defaults.
+/// Without build_log_url no evidence is written and artifact_id is null (a
+/// build_log_sha256 alone is refused, not dropped); the optional fields take
+/// their documented defaults.
 #[tokio::test]
 async fn a_build_without_a_log_url_writes_no_evidence_and_takes_the_defaults() {
     let db = TestDb::new().await;
     let r = release(&db).await;
     let git_sha = "ab".repeat(32);
+    assert_rejected(
+        fails(
+            &db,
+            "build_complete",
+            r,
+            None,
+            json!({"status": "fail", "git_sha": git_sha, "branch": "main", "author": "bob",
+                   "build_log_sha256": "d".repeat(64)}),
+        )
+        .await,
+        400,
+        "build_log_sha256 is given without build_log_url",
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM ops.builds WHERE release_id = $1", r).await,
+        0
+    );
     let build = envelope(
         "build_complete",
         r,
         None,
-        json!({"status": "fail", "git_sha": git_sha, "branch": "main", "author": "bob",
-               "build_log_sha256": "d".repeat(64)}),
+        json!({"status": "fail", "git_sha": git_sha, "branch": "main", "author": "bob"}),
     );
     let result = apply(&db, &build).await.unwrap();
     assert_eq!(result.get("artifact_id"), Some(&Value::Null), "{result}");

@@ -134,6 +134,12 @@ pub async fn build_complete(conn: &mut PgConnection, envelope: &Envelope) -> Res
         return Err(HandlerError::bad_request("build_complete is a G1 event"));
     }
     let built_at = fact_time("built_at", build.built_at, envelope)?;
+    // The hash describes the log; without the log it would be dropped unseen.
+    if build.build_log_sha256.is_some() && build.build_log_url.is_none() {
+        return Err(HandlerError::bad_request(
+            "build_log_sha256 is given without build_log_url",
+        ));
+    }
 
     // The release is looked up by the insert; none written: it is unknown.
     let build_id: Uuid = sqlx::query_scalar(
