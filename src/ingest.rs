@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::envelope::{self, Envelope, MAX_IDEMPOTENCY_KEY_BYTES, Partial, Rejection};
 use crate::handlers::{self, HandlerError};
 use crate::ledger::{self, ClaimRequest, FailedAttempt, FailureStatus, NextAction, PendingResult};
-use crate::text::{MAX_ERROR_BYTES, clipped};
+use crate::text::{MAX_ERROR_BYTES, clipped, quoted};
 
 /// The processing status of the PRD, with its HTTP-like code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -143,62 +143,61 @@ async fn settle(
     let payload_hash = envelope.payload_hash();
     let partial = Partial::from(&envelope);
 
-    let (status, code, error, next) = match apply(pool, &envelope, &payload_hash, attempt, &options.writer)
-        .await
-    {
-        Ok(Applied::Accepted(result)) => return Ok(success(&envelope, Status::Accepted, result)),
-        Ok(Applied::Duplicate(result)) => return Ok(success(&envelope, Status::Duplicate, result)),
-        Ok(Applied::KeyReused { accepted_hash }) => (
-            FailureStatus::Rejected,
-            422,
-            format!(
-                "idempotency key {:?} was already accepted for a different payload (hash {accepted_hash})",
-                envelope.idempotency_key
-            ),
-            Next::DeadLetter,
-        ),
-        Err(HandlerError::Rejected { code, message }) => {
-            (FailureStatus::Rejected, code, message, Next::DeadLetter)
-        }
-        Err(
-            error @ (HandlerError::UnknownRelease(_)
-            | HandlerError::UnknownReference { .. }
-            | HandlerError::NotYet(_)),
-        ) => {
-            if retries_left {
-                (
-                    FailureStatus::Error,
-                    409,
-                    format!("{error}; will retry"),
-                    Next::Retry,
-                )
-            } else {
-                (
-                    FailureStatus::Rejected,
-                    409,
-                    format!("{error}; retries exhausted"),
-                    Next::DeadLetter,
-                )
-            }
-        }
-        Err(HandlerError::Database { action, source }) => {
-            // What the producer and the dead-letter headers get: the server's
-            // message and its code, without sqlx's prefix and the server's own
-            // source line, which reads like a line of the payload.
-            let reason = || format!("{action}: {}", crate::database::describe(&source));
-            match classify(&source) {
-                Fault::Unavailable => return Err(DatabaseUnavailable(source)),
-                Fault::Permanent(code) => (FailureStatus::Rejected, code, reason(), Next::DeadLetter),
-                Fault::Transient if retries_left => (FailureStatus::Error, 503, reason(), Next::Retry),
-                Fault::Transient => (
-                    FailureStatus::Error,
-                    503,
-                    format!("{}; retries exhausted", reason()),
-                    Next::DeadLetter,
+    let (status, code, error, next) =
+        match apply(pool, &envelope, &payload_hash, attempt, &options.writer).await {
+            Ok(Applied::Accepted(result)) => return Ok(success(&envelope, Status::Accepted, result)),
+            Ok(Applied::Duplicate(result)) => return Ok(success(&envelope, Status::Duplicate, result)),
+            Ok(Applied::KeyReused { accepted_hash }) => (
+                FailureStatus::Rejected,
+                422,
+                format!(
+                    "idempotency key {} was already accepted for a different payload (hash {accepted_hash})",
+                    quoted(&envelope.idempotency_key)
                 ),
+                Next::DeadLetter,
+            ),
+            Err(HandlerError::Rejected { code, message }) => {
+                (FailureStatus::Rejected, code, message, Next::DeadLetter)
             }
-        }
-    };
+            Err(
+                error @ (HandlerError::UnknownRelease(_)
+                | HandlerError::UnknownReference { .. }
+                | HandlerError::NotYet(_)),
+            ) => {
+                if retries_left {
+                    (
+                        FailureStatus::Error,
+                        409,
+                        format!("{error}; will retry"),
+                        Next::Retry,
+                    )
+                } else {
+                    (
+                        FailureStatus::Rejected,
+                        409,
+                        format!("{error}; retries exhausted"),
+                        Next::DeadLetter,
+                    )
+                }
+            }
+            Err(HandlerError::Database { action, source }) => {
+                // What the producer and the dead-letter headers get: the server's
+                // message and its code, without sqlx's prefix and the server's own
+                // source line, which reads like a line of the payload.
+                let reason = || format!("{action}: {}", crate::database::describe(&source));
+                match classify(&source) {
+                    Fault::Unavailable => return Err(DatabaseUnavailable(source)),
+                    Fault::Permanent(code) => (FailureStatus::Rejected, code, reason(), Next::DeadLetter),
+                    Fault::Transient if retries_left => (FailureStatus::Error, 503, reason(), Next::Retry),
+                    Fault::Transient => (
+                        FailureStatus::Error,
+                        503,
+                        format!("{}; retries exhausted", reason()),
+                        Next::DeadLetter,
+                    ),
+                }
+            }
+        };
     let failure = FailedAttempt {
         partial: &partial,
         payload_hash: &payload_hash,

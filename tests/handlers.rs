@@ -2712,3 +2712,68 @@ async fn deployment_steps_name_their_reporter_and_targets_are_kept() {
         "{result}"
     );
 }
+
+// --- errors ----------------------------------------------------------------
+
+/// An error quotes at most 100 characters of the value it refuses (it travels
+/// into replies, the ledger and dead-letter headers): a SHA-256, an approver
+/// who initiated the release, an idempotency key reused for another payload.
+#[tokio::test]
+async fn refused_values_are_quoted_at_most_100_characters() {
+    let db = TestDb::new().await;
+    let long = "a".repeat(300);
+    let cut = format!("\"{}\"… (300 bytes)", "a".repeat(100));
+
+    let r = release(&db).await;
+    assert_rejected(
+        fails(
+            &db,
+            "evidence_attached",
+            r,
+            None,
+            json!({"artifact_type": "test_result", "artifact_url": "https://ci/tests", "sha256": long}),
+        )
+        .await,
+        400,
+        &format!("sha256 {cut} is not a SHA-256"),
+    );
+
+    let initiated = Uuid::new_v4();
+    let mut created = release_payload("acme/odoo", "quoted", SHA);
+    created["initiating_actor"] = json!(long);
+    ok(&db, "release_created", initiated, None, created).await;
+    assert_rejected(
+        fails(
+            &db,
+            "exception_granted",
+            initiated,
+            None,
+            exception_payload(&long, seed::now() + Duration::hours(4)),
+        )
+        .await,
+        409,
+        &format!("separation of duties: approver_id {cut} initiated release"),
+    );
+
+    let mut first = envelope(
+        "evidence_attached",
+        r,
+        None,
+        json!({"artifact_type": "test_result", "artifact_url": "https://ci/one"}),
+    );
+    first.idempotency_key = long.clone();
+    assert_eq!(ingest_once(&db, &first).await.status, Status::Accepted);
+    let mut reused = first.clone();
+    reused
+        .payload
+        .insert("artifact_url".to_owned(), json!("https://ci/two"));
+    let outcome = ingest_once(&db, &reused).await;
+    assert_eq!(
+        (outcome.status, outcome.code),
+        (Status::Rejected, 422),
+        "{outcome:?}"
+    );
+    let error = outcome.error.unwrap_or_default();
+    let needle = format!("idempotency key {cut} was already accepted for a different payload");
+    assert!(error.contains(&needle), "{needle:?} not in {error:?}");
+}

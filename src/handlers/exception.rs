@@ -110,9 +110,10 @@ pub async fn exception_granted(conn: &mut PgConnection, envelope: &Envelope) -> 
     }
     if exception.approver_id == initiator {
         return Err(HandlerError::conflict(format!(
-            "separation of duties: approver_id {:?} initiated release {}, and an exception must be granted by \
+            "separation of duties: approver_id {} initiated release {}, and an exception must be granted by \
              someone other than the release's initiating actor",
-            exception.approver_id, envelope.release_id
+            quoted(&exception.approver_id),
+            envelope.release_id
         )));
     }
     let existing: Option<Uuid> =

@@ -67,9 +67,12 @@ pub(crate) fn not_blank_if_given(field: &str, value: Option<&str>) -> Result<(),
 /// A 400 naming `field` unless `value` is 64 hex characters (a SHA-256).
 pub(crate) fn sha256(field: &str, value: Option<&str>) -> Result<(), HandlerError> {
     match value {
-        Some(hash) if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) => Err(
-            HandlerError::bad_request(format!("{field} {hash:?} is not a SHA-256 (64 hex characters)")),
-        ),
+        Some(hash) if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) => {
+            Err(HandlerError::bad_request(format!(
+                "{field} {} is not a SHA-256 (64 hex characters)",
+                quoted(hash)
+            )))
+        }
         _ => Ok(()),
     }
 }
