@@ -653,7 +653,9 @@ async fn finish(
         Ok(()) => {
             let acked =
                 tokio::time::timeout(ACK_TIMEOUT, delivery.acker.ack(BasicAckOptions::default())).await;
-            if !matches!(acked, Ok(Ok(_))) {
+            // lapin answers Ok(false), not an error, when the channel is
+            // already closed.
+            if !matches!(acked, Ok(Ok(true))) {
                 // The channel is gone; the broker redelivers, and the ledger
                 // turns the redelivery into a duplicate.
                 tracing::warn!(
@@ -734,14 +736,15 @@ pub fn attempt_of(properties: &BasicProperties) -> u32 {
 
 /// The properties of a retried or dead-lettered copy: the producer's, with
 /// `edit`ed headers, minus `expiration` (the copy must not expire by the
-/// producer's TTL), `user_id` (RabbitMQ checks it against our login) and
-/// the broker's own bookkeeping of the original's trips (see
-/// [`is_broker_bookkeeping`]).
+/// producer's TTL), `user_id` (RabbitMQ checks it against our login),
+/// `CC` and `BCC` (RabbitMQ would route the copy by them too, past its
+/// delay tier) and the broker's own bookkeeping of the original's trips
+/// (see [`is_broker_bookkeeping`]).
 fn with_headers(properties: &BasicProperties, edit: impl FnOnce(&mut FieldTable)) -> BasicProperties {
     let mut headers = FieldTable::default();
     if let Some(original) = properties.headers() {
         for (name, value) in original.inner() {
-            if !is_broker_bookkeeping(name.as_str()) {
+            if !is_broker_bookkeeping(name.as_str()) && !is_sender_selected_routing(name.as_str()) {
                 headers.insert(name.clone(), value.clone());
             }
         }
@@ -796,6 +799,13 @@ fn is_broker_bookkeeping(header: &str) -> bool {
         || header == "x-acquired-count"
 }
 
+/// RabbitMQ's sender-selected distribution: a message is also routed by the
+/// routing keys in these headers (`BCC` is removed on delivery; `CC` is
+/// kept, so a producer's would travel into every copy).
+fn is_sender_selected_routing(header: &str) -> bool {
+    header == "CC" || header == "BCC"
+}
+
 fn long_string(text: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(text.to_owned()))
 }
@@ -834,5 +844,23 @@ mod tests {
             assert!((8_000..=10_000).contains(&ms), "{ms}");
         }
         assert_eq!(jittered_ms(Duration::from_secs(1), 0.0), 1_000);
+    }
+
+    /// RabbitMQ 3.10 drops `CC` on delivery, RabbitMQ 4 may keep it: a copy
+    /// must carry neither, or it is routed past its delay tier too.
+    #[test]
+    fn copies_carry_no_sender_selected_routing() {
+        let mut headers = FieldTable::default();
+        let elsewhere = AMQPValue::FieldArray(vec![long_string("elsewhere")].into());
+        headers.insert("CC".into(), elsewhere.clone());
+        headers.insert("BCC".into(), elsewhere);
+        headers.insert("x-trace-id".into(), long_string("trace-7"));
+        let copy = with_headers(&BasicProperties::default().with_headers(headers), |_| {});
+        let names: Vec<String> = copy
+            .headers()
+            .as_ref()
+            .map(|headers| headers.inner().keys().map(|name| name.to_string()).collect())
+            .unwrap_or_default();
+        assert_eq!(names, ["x-trace-id"]);
     }
 }
