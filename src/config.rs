@@ -444,6 +444,15 @@ impl Settings {
                 "must be 1 to 200 characters",
             ));
         }
+        // RabbitMQ refuses to declare such names (ACCESS_REFUSED), and the
+        // worker would reconnect for ever.
+        if namespace.starts_with("amq.") || namespace.trim() != namespace {
+            return Err(ConfigError::invalid(
+                "amqp.namespace",
+                namespace,
+                "must not start with amq. (reserved by RabbitMQ) nor begin or end with whitespace",
+            ));
+        }
         positive("amqp.prefetch", u64::from(self.amqp.prefetch))?;
         positive("amqp.delivery_limit", u64::from(self.amqp.delivery_limit))?;
         at_most_a_day_ms("amqp.reconnect_min_ms", self.amqp.reconnect_min_ms)?;
@@ -460,6 +469,15 @@ impl Settings {
         }
 
         positive("worker.max_in_flight", self.worker.max_in_flight as u64)?;
+        // Deliveries beyond the prefetch never arrive: the slots would stay
+        // empty (and the count bounds a semaphore).
+        if self.worker.max_in_flight > usize::from(self.amqp.prefetch) {
+            return Err(ConfigError::invalid(
+                "worker.max_in_flight",
+                &self.worker.max_in_flight.to_string(),
+                "must not exceed amqp.prefetch",
+            ));
+        }
         positive("worker.batch_size", self.worker.batch_size as u64)?;
         positive("worker.max_transactions", self.worker.max_transactions as u64)?;
         if self.worker.max_transactions > self.database.max_connections as usize {

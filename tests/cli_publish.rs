@@ -234,6 +234,29 @@ fn publish_refuses_a_payload_beside_an_envelope_and_names_stdin() {
         .expect("run opsgate publish");
     assert_eq!(both.status.code(), Some(64), "{both:?}");
 
+    // A wait of no time would always time out, after publishing.
+    let no_wait = Command::new(env!("CARGO_BIN_EXE_opsgate"))
+        .arg("--config-dir")
+        .arg(config_dir())
+        .args([
+            "publish",
+            "--event",
+            "release_created",
+            "--payload",
+            RELEASE,
+            "--wait",
+            "--timeout",
+            "0",
+        ])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run opsgate publish");
+    assert_eq!(no_wait.status.code(), Some(64), "{no_wait:?}");
+    assert!(
+        String::from_utf8_lossy(&no_wait.stderr).contains("--timeout"),
+        "{no_wait:?}"
+    );
+
     let mut child = Command::new(env!("CARGO_BIN_EXE_opsgate"))
         .arg("--config-dir")
         .arg(config_dir())

@@ -49,8 +49,8 @@ pub struct PublishArgs {
     /// Wait for the worker's reply and print it.
     #[arg(long)]
     wait: bool,
-    /// Seconds to wait for the reply with --wait.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds to wait for the reply with --wait (1 to 86400).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     timeout: u64,
 }
 
@@ -140,7 +140,15 @@ pub async fn run(settings: &Settings, args: PublishArgs) -> anyhow::Result<ExitC
                 },
                 FieldTable::default(),
             )
-            .await?;
+            .await;
+        let consumer = match consumer {
+            Ok(consumer) => consumer,
+            Err(error) => {
+                crate::broker::quietly(connection.close(200, "no reply consumer".into())).await;
+                return Err(anyhow::Error::new(error)
+                    .context("cannot consume direct reply-to (amq.rabbitmq.reply-to) for --wait"));
+            }
+        };
         replies = Some(consumer);
         properties = properties
             .with_reply_to("amq.rabbitmq.reply-to".into())
