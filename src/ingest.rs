@@ -57,7 +57,7 @@ pub struct Outcome {
 /// PostgreSQL cannot be reached: nothing was written; hold the message and
 /// try again once the database answers.
 #[derive(Debug, thiserror::Error)]
-#[error("PostgreSQL is unavailable: {0}")]
+#[error("PostgreSQL is unavailable: {}", crate::database::describe(.0))]
 pub struct DatabaseUnavailable(#[source] pub sqlx::Error);
 
 /// How a failed database call should be treated.
@@ -79,8 +79,12 @@ pub fn classify(error: &sqlx::Error) -> Fault {
         return Fault::Transient;
     };
     match code.as_ref() {
-        // Connection exceptions, admin/crash shutdown, cannot connect now.
+        // Connection exceptions, admin/crash shutdown, cannot connect now; and
+        // a server that answers but takes no writes (read-only after a
+        // failover, a full disk): every message would fail alike, so none
+        // should spend its retries.
         c if c.starts_with("08") || c.starts_with("57P") => Fault::Unavailable,
+        "25006" | "53100" => Fault::Unavailable,
         // Serialization failure, deadlock, lock timeout, canceled, out of resources.
         "40001" | "40P01" | "55P03" | "57014" => Fault::Transient,
         c if c.starts_with("53") => Fault::Transient,

@@ -1495,3 +1495,62 @@ async fn a_retry_that_cannot_be_routed_leaves_the_original_in_the_queue() {
     worker.stop().await;
     producer.finish().await;
 }
+
+/// A database that answers but takes no writes (a read-only server after a
+/// failover, a full disk) is as good as down for every message: they are
+/// held, no retry is spent and nothing is dead-lettered. Once the database
+/// takes writes again (here: new sessions after a "failover" ends the old
+/// ones), each is processed once.
+#[tokio::test]
+async fn a_read_only_database_holds_messages_instead_of_spending_their_retries() {
+    let db = TestDb::new().await;
+    let alter = |setting: &str| sqlx::AssertSqlSafe(format!("ALTER DATABASE \"{}\" {setting}", db.name()));
+    // A session of its own, opened before: later ones start read-only.
+    let mut admin = db.pool.acquire().await.unwrap();
+    sqlx::query(alter("SET default_transaction_read_only = on"))
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    let settings = settings_for(&db, &[]); // retries after 1 s and 1 s
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+    let created = release_created(fresh_release(), "v1");
+    producer.publish(&created).await;
+
+    // Well past the whole retry schedule.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(producer.dead_letter_count().await, 0, "dead-lettered");
+    assert_eq!(
+        producer.ready_count().await,
+        0,
+        "held by the worker, not requeued"
+    );
+    assert_eq!(ledger(&db.pool, &key_of(&created)).await, vec![]);
+
+    sqlx::query(alter("RESET default_transaction_read_only"))
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .execute(&mut *admin)
+    .await
+    .unwrap();
+    drop(admin);
+    wait_for_count(
+        &db.pool,
+        "SELECT count(*) FROM ops.event_ingest_log WHERE processing_status = 'accepted'",
+        1,
+        SECS_20,
+    )
+    .await;
+    assert_eq!(
+        ledger(&db.pool, &key_of(&created)).await,
+        vec![("accepted".to_owned(), 200)]
+    );
+    assert_eq!(producer.dead_letter_count().await, 0);
+    worker.stop().await;
+    producer.finish().await;
+}
