@@ -214,6 +214,17 @@ async fn settle(
     Ok(failed(&failure, next))
 }
 
+/// PostgreSQL became unavailable part way through a batch. The deliveries
+/// before the one it failed on are done (committed, or their failure
+/// recorded): `settled` holds their outcomes, in order, to be kept; the
+/// rest are to be processed again once the database answers.
+#[derive(Debug, thiserror::Error)]
+#[error("{unavailable}")]
+pub struct Interrupted {
+    pub settled: Vec<Outcome>,
+    pub unavailable: DatabaseUnavailable,
+}
+
 /// One delivery to process: its body, its attempt number (from 1) and
 /// whether a transient failure may still be retried.
 #[derive(Debug, Clone, Copy)]
@@ -231,7 +242,7 @@ pub async fn process_batch(
     pool: &PgPool,
     attempts: &[Attempt<'_>],
     options: &IngestOptions,
-) -> Result<Vec<Outcome>, DatabaseUnavailable> {
+) -> Result<Vec<Outcome>, Interrupted> {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; attempts.len()];
     let parsed: Vec<Result<Envelope, Rejection>> = attempts
         .iter()
@@ -252,7 +263,12 @@ pub async fn process_batch(
                     });
                 }
             }
-            Err(Together::Unavailable(error)) => return Err(DatabaseUnavailable(error)),
+            Err(Together::Unavailable(error)) => {
+                return Err(Interrupted {
+                    settled: Vec::new(),
+                    unavailable: DatabaseUnavailable(error),
+                });
+            }
             Err(Together::Singly(reason)) => {
                 tracing::debug!(%reason, deliveries = valid.len(),
                     "a delivery of the batch did not simply succeed; processing them one by one");
@@ -265,7 +281,7 @@ pub async fn process_batch(
             Some(outcome) => outcome,
             // Parsed above, not again.
             None => {
-                settle(
+                let settled = settle(
                     pool,
                     attempt.body,
                     parsed,
@@ -273,7 +289,18 @@ pub async fn process_batch(
                     attempt.retries_left,
                     options,
                 )
-                .await?
+                .await;
+                match settled {
+                    Ok(outcome) => outcome,
+                    // The ones before are committed: processing them again
+                    // would answer "duplicate", or record a failure twice.
+                    Err(unavailable) => {
+                        return Err(Interrupted {
+                            settled: done,
+                            unavailable,
+                        });
+                    }
+                }
             }
         });
     }

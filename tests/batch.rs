@@ -684,3 +684,60 @@ async fn classify_sorts_sqlstates_into_unavailable_transient_and_permanent() {
         Fault::Unavailable
     );
 }
+
+/// When PostgreSQL goes away part way through a batch processed one by one,
+/// the deliveries already committed keep their outcomes; only the rest are
+/// processed again. (Processed again, a committed one would be answered
+/// "duplicate" the first time its producer hears of it, and a failure would
+/// be recorded twice for one attempt.)
+#[tokio::test]
+async fn a_batch_interrupted_by_a_lost_database_keeps_what_was_settled() {
+    let db = TestDb::new().await;
+    // The release named "lost" fails the shared transaction the first time
+    // (so each delivery is processed alone), ends its own session the second
+    // time (PostgreSQL "goes away" after the first delivery committed) and
+    // goes in the third.
+    sqlx::raw_sql(
+        "CREATE SEQUENCE public.lost_tries;
+         CREATE FUNCTION public.lose_the_session() RETURNS trigger
+         LANGUAGE plpgsql SECURITY DEFINER AS $$
+         BEGIN
+             CASE nextval('public.lost_tries')
+                 WHEN 1 THEN RAISE EXCEPTION 'not together';
+                 WHEN 2 THEN PERFORM pg_terminate_backend(pg_backend_pid());
+                 ELSE NULL;
+             END CASE;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER lose_the_session BEFORE INSERT ON ops.releases
+             FOR EACH ROW WHEN (NEW.release_name = 'lost') EXECUTE FUNCTION public.lose_the_session();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let first = release_created(fresh_release(), "kept");
+    let lost = release_created(fresh_release(), "lost");
+    let all = bodies(&[first.clone(), lost.clone()]);
+
+    let interrupted = ingest::process_batch(&db.pool, &first_attempts(&all), &options())
+        .await
+        .expect_err("the second delivery's session was ended");
+    let settled: Vec<(Status, u16)> = interrupted
+        .settled
+        .iter()
+        .map(|outcome| (outcome.status, outcome.code))
+        .collect();
+    assert_eq!(settled, [(Status::Accepted, 200)], "{interrupted:?}");
+
+    // The rest, once the database answers again.
+    let rest = process(&db.pool, &all[1..]).await;
+    assert_eq!(rest[0].status, Status::Accepted, "{rest:?}");
+    assert_eq!(
+        ledger(&db.pool, &key_of(&first)).await,
+        vec![("accepted".to_owned(), 200)]
+    );
+    assert_eq!(
+        ledger(&db.pool, &key_of(&lost)).await,
+        vec![("accepted".to_owned(), 200)]
+    );
+}

@@ -538,12 +538,17 @@ async fn handle(
         .collect();
 
     let mut wait = Duration::from_millis(100);
-    let outcomes = loop {
-        match ingest::process_batch(&context.pool, &attempts, &context.ingest).await {
-            Ok(outcomes) => break outcomes,
-            Err(unavailable) => {
-                tracing::warn!(error = %unavailable, retry_in_ms = wait.as_millis() as u64,
-                    deliveries = deliveries.len(), "holding the message until PostgreSQL answers");
+    let mut outcomes = Vec::with_capacity(attempts.len());
+    while outcomes.len() < attempts.len() {
+        let rest = &attempts[outcomes.len()..];
+        match ingest::process_batch(&context.pool, rest, &context.ingest).await {
+            Ok(settled) => outcomes.extend(settled),
+            Err(interrupted) => {
+                // Those settled before the failure are kept, not processed again.
+                outcomes.extend(interrupted.settled);
+                tracing::warn!(error = %interrupted.unavailable, retry_in_ms = wait.as_millis() as u64,
+                    deliveries = attempts.len() - outcomes.len(),
+                    "holding the message until PostgreSQL answers");
                 tokio::select! {
                     // Leave them unacked: they are redelivered once the channel closes.
                     () = session_over.cancelled() => return,
@@ -552,7 +557,7 @@ async fn handle(
                 wait = (wait * 2).min(context.database_retry_max);
             }
         }
-    };
+    }
     drop(transaction);
     // Replies, retries and dead letters each wait for a confirm: wait for
     // them together rather than one after the other.
