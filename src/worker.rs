@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::consumer::{self, ConsumerContext, SessionEnd};
@@ -22,6 +22,10 @@ pub enum WorkerError {
         #[source]
         source: sqlx::Error,
     },
+    /// Every pooled connection would fail alike, which the pool reports only
+    /// as a timeout: messages would be held for ever as if PostgreSQL were down.
+    #[error("cannot SET ROLE to worker.database_role {role:?}: {reason}")]
+    DatabaseRole { role: String, reason: String },
 }
 
 /// The topology the worker consumes, from its settings.
@@ -72,10 +76,47 @@ pub fn pool(settings: &Settings) -> Result<PgPool, WorkerError> {
     Ok(pool)
 }
 
+/// Refuses to start when PostgreSQL answers but `worker.database_role` cannot
+/// be taken (no such role, or the login is not a member of it). A database
+/// that does not answer within `database.acquire_timeout_secs` is not an
+/// error here: the worker holds messages until it answers.
+async fn check_role(settings: &Settings) -> Result<(), WorkerError> {
+    let role = &settings.worker.database_role;
+    if role.is_empty() {
+        return Ok(());
+    }
+    let connect = sqlx::PgConnection::connect(settings.database.url.expose());
+    let mut conn = match tokio::time::timeout(settings.database.acquire_timeout(), connect).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(error)) => {
+            tracing::warn!(error = %crate::database::describe(&error),
+                "PostgreSQL is not reachable at start; the worker holds messages until it is");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::warn!("PostgreSQL did not answer at start; the worker holds messages until it does");
+            return Ok(());
+        }
+    };
+    // The name is validated by the settings: lowercase letters, digits and _.
+    let taken = sqlx::query(sqlx::AssertSqlSafe(format!("SET ROLE \"{role}\"")))
+        .execute(&mut conn)
+        .await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.close()).await;
+    match taken {
+        Err(error) if !crate::database::is_connection_error(&error) => Err(WorkerError::DatabaseRole {
+            role: role.clone(),
+            reason: crate::database::describe(&error),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Runs until `cancel` fires, then finishes in-flight messages and returns.
 /// Neither RabbitMQ nor PostgreSQL being down makes it return.
 pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), WorkerError> {
     let pool = pool(settings)?;
+    check_role(settings).await?;
 
     let sweeper = settings.sweeps.enabled.then(|| {
         tokio::spawn(sweeps::run_periodically(

@@ -326,3 +326,35 @@ async fn a_message_that_keeps_killing_the_worker_is_dead_lettered_at_the_deliver
     assert_eq!(checks(&db).await, 0, "never applied");
     producer.finish().await;
 }
+
+/// A database role the worker cannot take would fail every pooled
+/// connection, which the pool reports only as a timeout: the worker would
+/// hold every message as if PostgreSQL were down. It refuses to start
+/// instead, and says why.
+#[tokio::test]
+async fn a_database_role_the_worker_cannot_take_stops_it_at_start() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[("OPSGATE__WORKER__DATABASE_ROLE", "no_such_role")]);
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_opsgate"))
+            .arg("--config-dir")
+            .arg(config_dir())
+            .arg("worker")
+            .env_clear()
+            .envs(env_of(&settings))
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the worker exits")
+    .expect("run the worker");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: cannot SET ROLE to worker.database_role \"no_such_role\"")
+            && stderr.contains("[SQLSTATE 22023]"),
+        "{stderr}"
+    );
+}
