@@ -358,3 +358,39 @@ async fn a_database_role_the_worker_cannot_take_stops_it_at_start() {
         "{stderr}"
     );
 }
+
+/// With `worker.migrate_on_start`, a stop request while the migrations wait
+/// for their locks (another migration, a long transaction) stops the
+/// worker at once, exit 0, instead of waiting for the locks.
+#[tokio::test]
+async fn a_signal_while_migrating_on_start_stops_the_worker() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[("OPSGATE__WORKER__MIGRATE_ON_START", "true")]);
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let mut worker = spawn_worker(&settings);
+    let deadline = Instant::now() + SECS_10;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = '_sqlx_migrations'::regclass",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker never waited for the migrations' lock"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal(&worker, "-TERM");
+    let (status, _) = exit_of(&mut worker, Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(0));
+    blocker.rollback().await.unwrap();
+}

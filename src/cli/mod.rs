@@ -95,7 +95,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 on_signal.cancel();
             });
             if settings.worker.migrate_on_start {
-                let report = crate::database::migrate(&settings.database).await?;
+                // A migration can wait long for its locks; a stop request
+                // must not. Each migration is one transaction: the one in
+                // progress is rolled back with the connection.
+                let report = tokio::select! {
+                    () = cancel.cancelled() => {
+                        tracing::info!("stopped while migrating; the migration in progress is rolled back");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    report = crate::database::migrate(&settings.database) => report?,
+                };
                 for migration in &report.applied {
                     tracing::info!(%migration, "applied migration");
                 }
