@@ -1554,3 +1554,40 @@ async fn a_read_only_database_holds_messages_instead_of_spending_their_retries()
     worker.stop().await;
     producer.finish().await;
 }
+
+/// A dead letter is the producer's message plus about a kilobyte of our
+/// headers. When the producer's headers already fill nearly all of an AMQP
+/// frame (128 KiB), the copy would not fit, and RabbitMQ would close the
+/// worker's connection on every try: the copy leaves the producer's headers
+/// out instead, and says so.
+#[tokio::test]
+async fn a_dead_letter_leaves_out_producer_headers_that_would_not_fit_in_a_frame() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert("x-big".into(), AMQPValue::LongString("a".repeat(130_950).into()));
+    producer
+        .publish_raw(
+            b"not json",
+            "check_result",
+            lapin::BasicProperties::default().with_headers(headers),
+        )
+        .await;
+    let (body, headers) = producer.next_dead_letter(SECS_20).await;
+    assert_eq!(body, b"not json");
+    assert_eq!(header_i64(&headers, "x-opsgate-code"), Some(400));
+    assert!(header_str(&headers, "x-big").is_none());
+    assert!(
+        header_i64(&headers, "x-opsgate-headers-left-out").is_some_and(|bytes| bytes > 130_950),
+        "{headers:?}"
+    );
+
+    // The worker is still connected and consuming.
+    let (reply, _) = producer.request(&release_created(fresh_release(), "v1")).await;
+    assert_eq!(reply["status"], "accepted");
+    worker.stop().await;
+    producer.finish().await;
+}

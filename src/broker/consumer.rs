@@ -35,6 +35,9 @@ pub const DEAD_CODE_HEADER: &str = "x-opsgate-code";
 pub const DEAD_STATUS_HEADER: &str = "x-opsgate-status";
 pub const DEAD_ERROR_HEADER: &str = "x-opsgate-error";
 pub const DEAD_FAILED_AT_HEADER: &str = "x-opsgate-failed-at";
+/// Set on a copy instead of the producer's headers when they were left out
+/// (too large to fit in a frame beside ours): their encoded size in bytes.
+pub const HEADERS_LEFT_OUT_HEADER: &str = "x-opsgate-headers-left-out";
 
 /// An ack that takes longer is on a dead channel.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -754,6 +757,16 @@ fn with_headers(properties: &BasicProperties, edit: impl FnOnce(&mut FieldTable)
             }
         }
     }
+    // A copy that does not fit in one frame would make RabbitMQ close the
+    // connection on every try, and the message come back for ever.
+    let kept = encoded_table_len(&headers);
+    if kept > PRODUCER_HEADERS_MAX_BYTES {
+        headers = FieldTable::default();
+        headers.insert(
+            HEADERS_LEFT_OUT_HEADER.into(),
+            AMQPValue::LongLongInt(i64::try_from(kept).unwrap_or(i64::MAX)),
+        );
+    }
     edit(&mut headers);
     let mut copy = BasicProperties::default().with_headers(headers);
     if let Some(value) = properties.content_type() {
@@ -802,6 +815,44 @@ fn is_broker_bookkeeping(header: &str) -> bool {
         || header.starts_with("x-last-death-")
         || header == "x-delivery-count"
         || header == "x-acquired-count"
+}
+
+/// The most of the producer's headers a copy carries, as encoded: a frame
+/// is 128 KiB (RabbitMQ's default `frame_max`, which the properties of a
+/// message must fit in), and the copy adds its own headers (at most about
+/// 2 KiB) and properties.
+const PRODUCER_HEADERS_MAX_BYTES: usize = 120 * 1024;
+
+/// The size of `table` in AMQP's wire encoding (0-9-1 with RabbitMQ's field
+/// types), without encoding it.
+fn encoded_table_len(table: &FieldTable) -> usize {
+    4 + table
+        .inner()
+        .iter()
+        .map(|(name, value)| 1 + name.as_str().len() + 1 + encoded_value_len(value))
+        .sum::<usize>()
+}
+
+fn encoded_value_len(value: &AMQPValue) -> usize {
+    match value {
+        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
+        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+        AMQPValue::DecimalValue(_) => 5,
+        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
+        AMQPValue::ShortString(text) => 1 + text.as_str().len(),
+        AMQPValue::LongString(text) => 4 + text.as_bytes().len(),
+        AMQPValue::ByteArray(bytes) => 4 + bytes.as_slice().len(),
+        AMQPValue::FieldArray(items) => {
+            4 + items
+                .as_slice()
+                .iter()
+                .map(|item| 1 + encoded_value_len(item))
+                .sum::<usize>()
+        }
+        AMQPValue::FieldTable(table) => encoded_table_len(table),
+        AMQPValue::Void => 0,
+    }
 }
 
 /// RabbitMQ's sender-selected distribution: a message is also routed by the

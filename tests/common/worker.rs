@@ -254,13 +254,18 @@ impl Producer {
         let channel = self.publisher.channel();
         let deadline = Instant::now() + timeout;
         loop {
-            let got = channel
-                .basic_get(
+            // Bounded too: a broker that cannot deliver must fail the test, not hang it.
+            let remaining = deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(100);
+            let got = tokio::time::timeout(
+                remaining,
+                channel.basic_get(
                     self.topology.dead_queue.as_str().into(),
                     BasicGetOptions { no_ack: true },
-                )
-                .await
-                .unwrap();
+                ),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("no dead letter within {timeout:?}"))
+            .unwrap();
             if let Some(message) = got {
                 let headers = message.delivery.properties.headers().clone().unwrap_or_default();
                 return (message.delivery.data, headers);
