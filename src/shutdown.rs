@@ -1,5 +1,9 @@
 //! Waiting for the signals that ask the process to stop.
 
+/// The exit code of a worker told to stop a second time while it drains
+/// (128 + SIGINT, as a shell reports a process that Ctrl-C ended).
+pub const STOPPED_AGAIN: u8 = 130;
+
 /// Resolves on Ctrl-C or, on Unix, SIGTERM.
 pub async fn signal() {
     let ctrl_c = async {

@@ -394,3 +394,29 @@ async fn a_signal_while_migrating_on_start_stops_the_worker() {
     assert_eq!(status.code(), Some(0));
     blocker.rollback().await.unwrap();
 }
+
+/// A second stop request while the worker waits for its in-flight messages
+/// ends it at once (exit 130); the unfinished message is not applied and
+/// goes back to the queue.
+#[tokio::test]
+async fn a_second_signal_while_draining_exits_at_once() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[("OPSGATE__WORKER__SHUTDOWN_TIMEOUT_SECS", "60")]);
+    let producer = Producer::new(&settings).await;
+    let release_id = created_release(&settings, &producer).await;
+    let holder = hold_release_lock(&db, release_id).await;
+    let mut child = spawn_worker(&settings);
+    let events = publish_checks(&producer, release_id, 1).await;
+    wait_for_lock_waits(&db, 1, SECS_20).await;
+    signal(&child, "-TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(child.try_wait().unwrap().is_none(), "still draining");
+    signal(&child, "-INT");
+    let (status, _) = exit_of(&mut child, Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(130));
+    free_release_lock(holder, release_id).await;
+    wait_for_ready(&producer, 1).await;
+    assert!(ledger(&db.pool, &key_of(&events[0])).await.is_empty());
+    assert_eq!(checks(&db).await, 0);
+    producer.finish().await;
+}

@@ -93,6 +93,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tokio::spawn(async move {
                 crate::shutdown::signal().await;
                 on_signal.cancel();
+                // Whoever asks twice does not want to wait for the drain. What
+                // is not committed is rolled back; what is, but not acked,
+                // comes back as a duplicate.
+                crate::shutdown::signal().await;
+                eprintln!("error: stopped again before the in-flight messages finished; exiting at once");
+                std::process::exit(i32::from(crate::shutdown::STOPPED_AGAIN));
             });
             if settings.worker.migrate_on_start {
                 // A migration can wait long for its locks; a stop request
