@@ -138,6 +138,29 @@ async fn created_release(settings: &opsgate::config::Settings, producer: &Produc
     release_id
 }
 
+/// A worker process with one check in flight, waiting for the lock of a
+/// release the test holds (`holder`).
+struct Busy {
+    child: Child,
+    holder: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    release_id: Uuid,
+    event: serde_json::Value,
+}
+
+async fn busy_worker(db: &TestDb, settings: &opsgate::config::Settings, producer: &Producer) -> Busy {
+    let release_id = created_release(settings, producer).await;
+    let holder = hold_release_lock(db, release_id).await;
+    let child = spawn_worker(settings);
+    let mut events = publish_checks(producer, release_id, 1).await;
+    wait_for_lock_waits(db, 1, SECS_20).await;
+    Busy {
+        child,
+        holder,
+        release_id,
+        event: events.remove(0),
+    }
+}
+
 /// Waits until the ingest queue holds `n` ready messages (a quorum queue
 /// takes back the unacked ones of a closed channel a moment later).
 async fn wait_for_ready(producer: &Producer, n: u32) {
@@ -237,12 +260,12 @@ async fn a_message_that_outlasts_the_shutdown_timeout_goes_back_to_the_queue() {
     let db = TestDb::new().await;
     let settings = settings_for(&db, &[("OPSGATE__WORKER__SHUTDOWN_TIMEOUT_SECS", "2")]);
     let producer = Producer::new(&settings).await;
-    let release_id = created_release(&settings, &producer).await;
-
-    let holder = hold_release_lock(&db, release_id).await;
-    let mut child = spawn_worker(&settings);
-    let events = publish_checks(&producer, release_id, 1).await;
-    wait_for_lock_waits(&db, 1, SECS_20).await;
+    let Busy {
+        mut child,
+        holder,
+        release_id,
+        event,
+    } = busy_worker(&db, &settings, &producer).await;
     signal(&child, "-TERM");
     let (status, took) = exit_of(&mut child, SECS_20).await;
     assert_eq!(status.code(), Some(0));
@@ -260,7 +283,7 @@ async fn a_message_that_outlasts_the_shutdown_timeout_goes_back_to_the_queue() {
 
     free_release_lock(holder, release_id).await;
     let worker = start_worker(&settings);
-    wait_for_status(&db.pool, &key_of(&events[0]), "accepted", SECS_20).await;
+    wait_for_status(&db.pool, &key_of(&event), "accepted", SECS_20).await;
     worker.stop().await;
     assert_checks_applied_once(&db.pool, 1).await;
     producer.finish().await;
@@ -403,11 +426,12 @@ async fn a_second_signal_while_draining_exits_at_once() {
     let db = TestDb::new().await;
     let settings = settings_for(&db, &[("OPSGATE__WORKER__SHUTDOWN_TIMEOUT_SECS", "60")]);
     let producer = Producer::new(&settings).await;
-    let release_id = created_release(&settings, &producer).await;
-    let holder = hold_release_lock(&db, release_id).await;
-    let mut child = spawn_worker(&settings);
-    let events = publish_checks(&producer, release_id, 1).await;
-    wait_for_lock_waits(&db, 1, SECS_20).await;
+    let Busy {
+        mut child,
+        holder,
+        release_id,
+        event,
+    } = busy_worker(&db, &settings, &producer).await;
     signal(&child, "-TERM");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(child.try_wait().unwrap().is_none(), "still draining");
@@ -416,7 +440,7 @@ async fn a_second_signal_while_draining_exits_at_once() {
     assert_eq!(status.code(), Some(130));
     free_release_lock(holder, release_id).await;
     wait_for_ready(&producer, 1).await;
-    assert!(ledger(&db.pool, &key_of(&events[0])).await.is_empty());
+    assert!(ledger(&db.pool, &key_of(&event)).await.is_empty());
     assert_eq!(checks(&db).await, 0);
     producer.finish().await;
 }
