@@ -42,8 +42,9 @@ fn start_rabbitmq() {
     run("rabbitmqctl", &["start_app"]);
 }
 
-/// Starts the service again when dropped, whatever happened in between.
-struct Restart(fn());
+/// Runs its closure when dropped, whatever happened in between: starts a
+/// service again, restores a setting.
+struct Restart(Box<dyn Fn()>);
 
 impl Drop for Restart {
     fn drop(&mut self) {
@@ -113,7 +114,7 @@ async fn rabbitmq_restarted_while_messages_flow() {
     } = start_flow(&db).await;
 
     {
-        let _restart = Restart(start_rabbitmq);
+        let _restart = Restart(Box::new(start_rabbitmq));
         assert!(run("rabbitmqctl", &["stop_app"]), "stop RabbitMQ");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -167,7 +168,7 @@ async fn postgresql_restarted_while_messages_flow() {
     } = start_flow(&db).await;
 
     {
-        let _restart = Restart(start_postgres);
+        let _restart = Restart(Box::new(start_postgres));
         assert!(run(
             "pg_ctlcluster",
             &[
@@ -198,5 +199,128 @@ async fn postgresql_restarted_while_messages_flow() {
     );
     assert_checks_applied_once(&db.pool, events.len()).await;
     worker.stop().await;
+    producer.finish().await;
+}
+
+/// RabbitMQ's memory high watermark as `rabbitmqctl set_vm_memory_high_watermark`
+/// takes it back, to restore it after an alarm.
+fn memory_watermark() -> Vec<String> {
+    let printed = Command::new("rabbitmqctl")
+        .args(["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    match printed.parse::<f64>() {
+        Ok(fraction) => vec![fraction.to_string()],
+        // {absolute,Bytes}
+        Err(_) => match printed
+            .trim_start_matches("{absolute,")
+            .trim_end_matches('}')
+            .parse::<u64>()
+        {
+            Ok(bytes) => vec!["absolute".to_owned(), bytes.to_string()],
+            Err(_) => vec!["0.4".to_owned()],
+        },
+    }
+}
+
+/// A memory alarm while the worker answers an event: RabbitMQ blocks the
+/// worker's connection once it publishes the reply. The worker says so and
+/// waits; when the alarm clears, the reply goes out and the message is
+/// acked, applied once.
+#[tokio::test]
+async fn a_memory_alarm_blocks_the_worker_until_it_clears_and_nothing_is_lost() {
+    let _serial = SERIAL.lock().await;
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let release_id = Uuid::new_v4();
+    let worker = start_worker(&settings);
+    let (reply, _) = producer.request(&release_created(release_id, "v1")).await;
+    assert_eq!(reply["status"], "accepted");
+    worker.stop().await;
+
+    // Replies to a queue of the test's, which it reads during the alarm
+    // without publishing (a blocked connection is one that publishes).
+    let replies = format!("{}.replies", settings.amqp.namespace);
+    let channel = producer.connection.create_channel().await.unwrap();
+    channel
+        .queue_declare(
+            replies.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let holder = hold_release_lock(&db, release_id).await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_opsgate"))
+        .arg("--config-dir")
+        .arg(config_dir())
+        .arg("worker")
+        .env_clear()
+        .envs(env_of(&settings))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the worker");
+    let check = envelope(
+        "check_result",
+        release_id,
+        Some("G1"),
+        serde_json::json!({"check_name": "unit_tests", "status": "pass"}),
+    );
+    producer
+        .publish_raw(
+            &serde_json::to_vec(&check).unwrap(),
+            "check_result",
+            lapin::BasicProperties::default().with_reply_to(replies.as_str().into()),
+        )
+        .await;
+    wait_for_lock_waits(&db, 1, SECS_20).await;
+
+    let watermark = memory_watermark();
+    {
+        let restore = watermark.clone();
+        let _restore = Restart(Box::new(move || {
+            let mut args = vec!["set_vm_memory_high_watermark"];
+            args.extend(restore.iter().map(String::as_str));
+            run("rabbitmqctl", &args);
+        }));
+        assert!(
+            run("rabbitmqctl", &["set_vm_memory_high_watermark", "0.0001"]),
+            "raise an alarm"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        free_release_lock(holder, release_id).await;
+        wait_for_status(&db.pool, &key_of(&check), "accepted", SECS_20).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let waiting = producer.queue_state(&replies).await.message_count();
+        assert_eq!(waiting, 0, "the reply waits for the alarm to clear");
+    }
+    let deadline = Instant::now() + SECS_20;
+    while producer.queue_state(&replies).await.message_count() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the reply went out once the alarm cleared"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        ledger(&db.pool, &key_of(&check)).await,
+        vec![("accepted".to_owned(), 200)]
+    );
+    assert_checks_applied_once(&db.pool, 1).await;
+
+    assert!(run("kill", &["-TERM", &child.id().to_string()]));
+    let status = child.wait().expect("the worker exits");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("RabbitMQ blocked the connection"), "{stderr}");
+    assert_eq!(producer.ready_count().await, 0);
     producer.finish().await;
 }

@@ -305,9 +305,19 @@ impl BrokerFailure {
             let reason = reason.clone();
             tokio::spawn(async move {
                 while let Some(event) = events.next().await {
-                    if let lapin::Event::Error(error) = event {
-                        let _ = reason.set(format!("RabbitMQ reported an error: {error}"));
-                        token.cancel();
+                    match event {
+                        lapin::Event::Error(error) => {
+                            let _ = reason.set(format!("RabbitMQ reported an error: {error}"));
+                            token.cancel();
+                        }
+                        // Not an end: the session goes on once RabbitMQ reads again.
+                        lapin::Event::ConnectionBlocked(why) => tracing::warn!(reason = %why,
+                            "RabbitMQ blocked the connection (a memory or disk alarm); replies, retries, \
+                             dead letters and acks wait until it is unblocked"),
+                        lapin::Event::ConnectionUnblocked => {
+                            tracing::info!("RabbitMQ unblocked the connection");
+                        }
+                        _ => {}
                     }
                 }
             })
