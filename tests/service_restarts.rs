@@ -1,7 +1,8 @@
-//! RabbitMQ and PostgreSQL restarted under a running worker. These tests stop
-//! shared services, so they live in their own test binary (cargo runs test
-//! binaries one after another) and run one at a time, and every service is
-//! started again even when an assertion fails.
+//! RabbitMQ and PostgreSQL restarted under a running worker, and a RabbitMQ
+//! memory alarm. These tests disturb shared services, so they live in their
+//! own test binary (cargo runs test binaries one after another) and run one
+//! at a time, and every service is started (or its setting restored) again
+//! even when an assertion fails.
 
 mod common;
 
