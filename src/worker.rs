@@ -8,7 +8,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::consumer::{self, ConsumerContext, SessionEnd};
+use crate::broker::consumer::{self, ConsumerContext, SessionConnections, SessionEnd};
 use crate::broker::{self, Topology};
 use crate::config::Settings;
 use crate::ingest::IngestOptions;
@@ -154,12 +154,25 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), W
         let session = async {
             // A broker that stops answering mid-setup must not hold up a
             // shutdown: until consuming starts there is nothing in flight.
-            let declared = tokio::select! {
+            let publishing = tokio::select! {
                 () = cancel.cancelled() => return Ok((SessionEnd::Cancelled, std::time::Instant::now())),
-                declared = declare_topology(&connection, &context.topology) => declared,
+                publishing = broker::connect(&settings.amqp, PUBLISHING_CONNECTION) => publishing?,
             };
-            declared?;
-            consumer::consume(&connection, context.clone(), &cancel).await
+            let connections = SessionConnections {
+                consuming: &connection,
+                publishing: &publishing,
+            };
+            let ended = async {
+                let declared = tokio::select! {
+                    () = cancel.cancelled() => return Ok((SessionEnd::Cancelled, std::time::Instant::now())),
+                    declared = declare_topology(connections.consuming, &context.topology) => declared,
+                };
+                declared?;
+                consumer::consume(&connections, context.clone(), &cancel).await
+            }
+            .await;
+            broker::quietly(publishing.close(200, "session over".into())).await;
+            ended
         };
         let ended = session.await;
         // A session that failed ends now, which the next connect assumes.
@@ -197,6 +210,11 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), W
     tracing::info!("worker stopped");
     Ok(())
 }
+
+/// The name of each session's second connection, on which the worker
+/// publishes replies, retries and dead letters (the first, which consumes
+/// and acks, is `opsgate-worker`).
+const PUBLISHING_CONNECTION: &str = "opsgate-worker-publishing";
 
 /// How long the sweeps and the database connections get to finish once the
 /// in-flight messages are done or given up.

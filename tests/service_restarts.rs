@@ -225,20 +225,52 @@ fn memory_watermark() -> Vec<String> {
     }
 }
 
+/// Messages of the ingest queue delivered and not yet acked, as RabbitMQ
+/// counts them.
+fn unacked(queue: &str) -> u64 {
+    let listed = Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "name", "messages_unacknowledged"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    listed
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .find(|(name, _)| *name == queue)
+        .and_then(|(_, count)| count.trim().parse().ok())
+        .unwrap_or_else(|| panic!("queue {queue} in {listed:?}"))
+}
+
+async fn wait_for_unacked(queue: &str, n: u64) {
+    let deadline = Instant::now() + SECS_20;
+    loop {
+        let now = unacked(queue);
+        if now == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{now} unacked in {queue}, not {n}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A memory alarm while the worker answers an event: RabbitMQ blocks the
-/// worker's connection once it publishes the reply. The worker says so and
-/// waits; when the alarm clears, the reply goes out and the message is
-/// acked, applied once.
+/// connection on which the worker publishes, once it publishes the reply.
+/// The worker says so; its acks, on a connection of their own, go on, so
+/// another message is finished during the alarm. When the alarm clears,
+/// the reply goes out and its message is acked too; each applied once.
 #[tokio::test]
-async fn a_memory_alarm_blocks_the_worker_until_it_clears_and_nothing_is_lost() {
+async fn a_memory_alarm_blocks_only_the_workers_publishing_and_nothing_is_lost() {
     let _serial = SERIAL.lock().await;
     let db = TestDb::new().await;
-    let settings = settings_for(&db, &[]);
+    // The reply waits for its confirm through the alarm.
+    let settings = settings_for(&db, &[("OPSGATE__AMQP__CONFIRM_TIMEOUT_SECS", "60")]);
     let producer = Producer::new(&settings).await;
-    let release_id = Uuid::new_v4();
+    let (answered, silent) = (Uuid::new_v4(), Uuid::new_v4());
     let worker = start_worker(&settings);
-    let (reply, _) = producer.request(&release_created(release_id, "v1")).await;
-    assert_eq!(reply["status"], "accepted");
+    for (release, name) in [(answered, "v1"), (silent, "v2")] {
+        let (reply, _) = producer.request(&release_created(release, name)).await;
+        assert_eq!(reply["status"], "accepted");
+    }
     worker.stop().await;
 
     // Replies to a queue of the test's, which it reads during the alarm
@@ -256,7 +288,8 @@ async fn a_memory_alarm_blocks_the_worker_until_it_clears_and_nothing_is_lost() 
         )
         .await
         .unwrap();
-    let holder = hold_release_lock(&db, release_id).await;
+    let answered_lock = hold_release_lock(&db, answered).await;
+    let silent_lock = hold_release_lock(&db, silent).await;
     let mut child = Command::new(env!("CARGO_BIN_EXE_opsgate"))
         .arg("--config-dir")
         .arg(config_dir())
@@ -264,25 +297,31 @@ async fn a_memory_alarm_blocks_the_worker_until_it_clears_and_nothing_is_lost() 
         .env_clear()
         .envs(env_of(&settings))
         .env("RUST_LOG", "warn")
+        .env("OPSGATE__LOG__FORMAT", "json")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn the worker");
-    let check = envelope(
-        "check_result",
-        release_id,
-        Some("G1"),
-        serde_json::json!({"check_name": "unit_tests", "status": "pass"}),
-    );
+    let check = |release| {
+        envelope(
+            "check_result",
+            release,
+            Some("G1"),
+            serde_json::json!({"check_name": "unit_tests", "status": "pass"}),
+        )
+    };
+    let (with_reply, without) = (check(answered), check(silent));
     producer
         .publish_raw(
-            &serde_json::to_vec(&check).unwrap(),
+            &serde_json::to_vec(&with_reply).unwrap(),
             "check_result",
             lapin::BasicProperties::default().with_reply_to(replies.as_str().into()),
         )
         .await;
-    wait_for_lock_waits(&db, 1, SECS_20).await;
+    producer.publish(&without).await;
+    wait_for_lock_waits(&db, 2, SECS_20).await;
 
+    let ingest = settings.amqp.namespace.clone() + ".ingest";
     let watermark = memory_watermark();
     {
         let restore = watermark.clone();
@@ -296,32 +335,41 @@ async fn a_memory_alarm_blocks_the_worker_until_it_clears_and_nothing_is_lost() 
             "raise an alarm"
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
-        free_release_lock(holder, release_id).await;
-        wait_for_status(&db.pool, &key_of(&check), "accepted", SECS_20).await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        free_release_lock(answered_lock, answered).await;
+        wait_for_status(&db.pool, &key_of(&with_reply), "accepted", SECS_20).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Its reply is blocked, and so is its ack; the other message is
+        // acked all the same.
+        free_release_lock(silent_lock, silent).await;
+        wait_for_status(&db.pool, &key_of(&without), "accepted", SECS_20).await;
+        wait_for_unacked(&ingest, 1).await;
         let waiting = producer.queue_state(&replies).await.message_count();
         assert_eq!(waiting, 0, "the reply waits for the alarm to clear");
     }
-    let deadline = Instant::now() + SECS_20;
-    while producer.queue_state(&replies).await.message_count() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the reply went out once the alarm cleared"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_unacked(&ingest, 0).await;
     assert_eq!(
-        ledger(&db.pool, &key_of(&check)).await,
-        vec![("accepted".to_owned(), 200)]
+        producer.queue_state(&replies).await.message_count(),
+        1,
+        "the reply went out"
     );
-    assert_checks_applied_once(&db.pool, 1).await;
+    for event in [&with_reply, &without] {
+        assert_eq!(
+            ledger(&db.pool, &key_of(event)).await,
+            vec![("accepted".to_owned(), 200)]
+        );
+    }
+    assert_checks_applied_once(&db.pool, 2).await;
 
     assert!(run("kill", &["-TERM", &child.id().to_string()]));
     let status = child.wait().expect("the worker exits");
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert_eq!(status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("RabbitMQ blocked the connection"), "{stderr}");
+    assert!(
+        stderr.contains("RabbitMQ blocked a connection") && stderr.contains(r#""connection":"publishing""#),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(r#""connection":"consuming""#), "{stderr}");
     assert_eq!(producer.ready_count().await, 0);
     producer.finish().await;
 }

@@ -1061,18 +1061,32 @@ async fn a_gate_change_leads_back_to_the_event_that_caused_it() {
 
 // --- A misbehaving broker (through `common::proxy`) ---------------------
 
-/// Gaps between the proxy's accepted connections, once there are `n`.
+/// Each session of the worker is two connections, opened one after the
+/// other: the consuming one, then the publishing one.
+const CONNECTIONS_PER_SESSION: usize = 2;
+
+/// When each of the worker's sessions began (its consuming connection was
+/// accepted by the proxy).
+fn session_starts(proxy: &proxy::AmqpProxy) -> Vec<std::time::Instant> {
+    proxy
+        .accepted()
+        .into_iter()
+        .step_by(CONNECTIONS_PER_SESSION)
+        .collect()
+}
+
+/// Gaps between the starts of the worker's sessions, once there are `n`.
 async fn connection_gaps(proxy: &proxy::AmqpProxy, n: usize, timeout: Duration) -> Vec<Duration> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let accepted = proxy.accepted();
-        if accepted.len() >= n {
-            return accepted.windows(2).take(n - 1).map(|w| w[1] - w[0]).collect();
+        let started = session_starts(proxy);
+        if started.len() >= n {
+            return started.windows(2).take(n - 1).map(|w| w[1] - w[0]).collect();
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "only {} connections within {timeout:?}",
-            accepted.len()
+            "only {} sessions within {timeout:?}",
+            started.len()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -1125,8 +1139,13 @@ async fn sessions_that_end_soon_after_they_begin_back_off() {
 async fn a_healthy_session_resets_the_reconnect_backoff() {
     let db = TestDb::new().await;
     let short = Duration::from_millis(200);
-    let sessions = vec![short, short, short, Duration::from_secs(3), short];
-    let proxy = proxy::AmqpProxy::start(proxy::Fault::CutAfterEach(sessions)).await;
+    let sessions = [short, short, short, Duration::from_secs(3), short];
+    // The proxy cuts each connection after its own duration: both of a session alike.
+    let connections = sessions
+        .iter()
+        .flat_map(|duration| [*duration; CONNECTIONS_PER_SESSION])
+        .collect();
+    let proxy = proxy::AmqpProxy::start(proxy::Fault::CutAfterEach(connections)).await;
     let settings = reconnecting_through(&db, &proxy, 300, 2400);
     let worker = start_worker(&settings);
     let gaps = connection_gaps(&proxy, 6, Duration::from_secs(30)).await;
@@ -1210,7 +1229,7 @@ async fn a_lost_connection_stops_holding_messages_for_postgresql() {
     proxy.cut();
     let deadline = cut_at + Duration::from_secs(30);
     let reconnected = loop {
-        if let Some(at) = proxy.accepted().get(1) {
+        if let Some(at) = session_starts(&proxy).get(1) {
             break *at;
         }
         assert!(

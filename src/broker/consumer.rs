@@ -81,16 +81,19 @@ pub enum SessionEnd {
 /// fires; how the session ended, and when (before the in-flight messages
 /// were drained).
 pub async fn consume(
-    connection: &Connection,
+    connections: &SessionConnections<'_>,
     context: Arc<ConsumerContext>,
     cancel: &CancellationToken,
 ) -> Result<(SessionEnd, Instant), BrokerError> {
-    let broker_failed = BrokerFailure::watch(connection);
+    let broker_failed = BrokerFailure::watch(&[
+        ("consuming", connections.consuming),
+        ("publishing", connections.publishing),
+    ]);
     // A broker that stops answering mid-setup must not hold up a shutdown:
     // until consuming starts there is nothing in flight.
     let opened = tokio::select! {
         () = cancel.cancelled() => return Ok((SessionEnd::Cancelled, Instant::now())),
-        opened = open_session(connection, &context) => opened,
+        opened = open_session(connections, &context) => opened,
     };
     let (channel, publisher, mut consumer) = opened?;
     tracing::info!(queue = %context.topology.ingest_queue, prefetch = context.prefetch,
@@ -254,22 +257,35 @@ pub async fn consume(
     Ok((end, ended_at))
 }
 
-/// The consuming channel (with its prefetch), the publisher of retries and
-/// dead letters, and the consumer of the ingest queue.
+/// The two connections of a session. RabbitMQ blocks a connection that
+/// publishes during a memory or disk alarm, reading nothing more from it:
+/// with replies, retries and dead letters published on a connection of
+/// their own, the consuming one keeps acking.
+pub struct SessionConnections<'a> {
+    pub consuming: &'a Connection,
+    pub publishing: &'a Connection,
+}
+
+/// The consuming channel (with its prefetch), the publisher of replies,
+/// retries and dead letters, and the consumer of the ingest queue.
 async fn open_session(
-    connection: &Connection,
+    connections: &SessionConnections<'_>,
     context: &ConsumerContext,
 ) -> Result<(lapin::Channel, Publisher, lapin::Consumer), BrokerError> {
     let channel_error = |source| BrokerError::Channel {
         name: context.topology.ingest_queue.clone(),
         source,
     };
-    let channel = connection.create_channel().await.map_err(channel_error)?;
+    let channel = connections
+        .consuming
+        .create_channel()
+        .await
+        .map_err(channel_error)?;
     channel
         .basic_qos(context.prefetch, BasicQosOptions::default())
         .await
         .map_err(channel_error)?;
-    let publisher = Publisher::new(connection, context.confirm_timeout).await?;
+    let publisher = Publisher::new(connections.publishing, context.confirm_timeout).await?;
     let consumer = channel
         .basic_consume(
             context.topology.ingest_queue.as_str().into(),
@@ -282,7 +298,7 @@ async fn open_session(
     Ok((channel, publisher, consumer))
 }
 
-/// Fired when RabbitMQ reports an error on the connection, or closes one of
+/// Fired when RabbitMQ reports an error on a connection, or closes one of
 /// its channels with an error (e.g. the consuming channel after
 /// `consumer_timeout`). The consume loop learns of a dead consumer only
 /// while it waits for a delivery; when every slot is held (batches waiting
@@ -292,40 +308,46 @@ struct BrokerFailure {
     token: CancellationToken,
     /// The first error reported.
     reason: Arc<std::sync::OnceLock<String>>,
-    watcher: tokio::task::JoinHandle<()>,
+    watchers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl BrokerFailure {
-    fn watch(connection: &Connection) -> BrokerFailure {
+    /// Watches each `(role, connection)` of the session.
+    fn watch(connections: &[(&'static str, &Connection)]) -> BrokerFailure {
         let token = CancellationToken::new();
         let reason = Arc::new(std::sync::OnceLock::new());
-        let mut events = connection.events_listener();
-        let watcher = {
-            let token = token.clone();
-            let reason = reason.clone();
-            tokio::spawn(async move {
-                while let Some(event) = events.next().await {
-                    match event {
-                        lapin::Event::Error(error) => {
-                            let _ = reason.set(format!("RabbitMQ reported an error: {error}"));
-                            token.cancel();
+        let watchers: Vec<_> = connections
+            .iter()
+            .map(|&(role, connection)| {
+                let mut events = connection.events_listener();
+                let token = token.clone();
+                let reason = reason.clone();
+                tokio::spawn(async move {
+                    while let Some(event) = events.next().await {
+                        match event {
+                            lapin::Event::Error(error) => {
+                                let _ = reason.set(format!("RabbitMQ reported an error: {error}"));
+                                token.cancel();
+                            }
+                            // Not an end: the session goes on once RabbitMQ reads again.
+                            lapin::Event::ConnectionBlocked(why) => {
+                                tracing::warn!(connection = role, reason = %why,
+                            "RabbitMQ blocked a connection (a memory or disk alarm); what it publishes waits \
+                             until it is unblocked")
+                            }
+                            lapin::Event::ConnectionUnblocked => {
+                                tracing::info!(connection = role, "RabbitMQ unblocked a connection");
+                            }
+                            _ => {}
                         }
-                        // Not an end: the session goes on once RabbitMQ reads again.
-                        lapin::Event::ConnectionBlocked(why) => tracing::warn!(reason = %why,
-                            "RabbitMQ blocked the connection (a memory or disk alarm); replies, retries, \
-                             dead letters and acks wait until it is unblocked"),
-                        lapin::Event::ConnectionUnblocked => {
-                            tracing::info!("RabbitMQ unblocked the connection");
-                        }
-                        _ => {}
                     }
-                }
+                })
             })
-        };
+            .collect();
         BrokerFailure {
             token,
             reason,
-            watcher,
+            watchers,
         }
     }
 
@@ -340,7 +362,9 @@ impl BrokerFailure {
 
 impl Drop for BrokerFailure {
     fn drop(&mut self) {
-        self.watcher.abort();
+        for watcher in &self.watchers {
+            watcher.abort();
+        }
     }
 }
 
