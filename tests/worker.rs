@@ -1610,3 +1610,55 @@ async fn a_dead_letter_leaves_out_producer_headers_that_would_not_fit_in_a_frame
     worker.stop().await;
     producer.finish().await;
 }
+
+/// The ingest queue deleted under the worker (by an operator, or a policy
+/// gone wrong): RabbitMQ cancels the consumer; the worker declares the
+/// topology again and consumes the new queue.
+#[tokio::test]
+async fn an_ingest_queue_deleted_under_the_worker_is_declared_again() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+    let (first, _) = producer.request(&release_created(fresh_release(), "v1")).await;
+    assert_eq!(first["status"], "accepted");
+
+    let channel = producer.connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(
+            producer.topology.ingest_queue.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    // Declared again, with its binding, and consumed.
+    let deadline = std::time::Instant::now() + SECS_20;
+    loop {
+        let declared = producer
+            .connection
+            .create_channel()
+            .await
+            .unwrap()
+            .queue_declare(
+                producer.topology.ingest_queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await;
+        if declared.is_ok_and(|queue| queue.consumer_count() == 1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ingest queue came back, consumed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (next, _) = producer.request(&release_created(fresh_release(), "v2")).await;
+    assert_eq!(next["status"], "accepted");
+    worker.stop().await;
+    producer.finish().await;
+}
