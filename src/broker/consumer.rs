@@ -648,7 +648,7 @@ async fn finish(
                 .get(tier)
                 .copied()
                 .unwrap_or_default();
-            let properties = with_headers(&delivery.properties, |headers| {
+            let properties = with_headers(&delivery.properties, publisher.headers_budget(), |headers| {
                 headers.insert(
                     ATTEMPT_HEADER.into(),
                     AMQPValue::LongLongInt(i64::from(attempt) + 1),
@@ -660,7 +660,7 @@ async fn finish(
                 .await
         }
         Next::DeadLetter => {
-            let properties = with_headers(&delivery.properties, |headers| {
+            let properties = with_headers(&delivery.properties, publisher.headers_budget(), |headers| {
                 headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(i64::from(attempt)));
                 headers.insert(
                     DEAD_CODE_HEADER.into(),
@@ -782,7 +782,11 @@ pub fn attempt_of(properties: &BasicProperties) -> u32 {
 /// `CC` and `BCC` (RabbitMQ would route the copy by them too, past its
 /// delay tier) and the broker's own bookkeeping of the original's trips
 /// (see [`is_broker_bookkeeping`]).
-fn with_headers(properties: &BasicProperties, edit: impl FnOnce(&mut FieldTable)) -> BasicProperties {
+fn with_headers(
+    properties: &BasicProperties,
+    budget: usize,
+    edit: impl FnOnce(&mut FieldTable),
+) -> BasicProperties {
     let mut headers = FieldTable::default();
     if let Some(original) = properties.headers() {
         for (name, value) in original.inner() {
@@ -794,7 +798,7 @@ fn with_headers(properties: &BasicProperties, edit: impl FnOnce(&mut FieldTable)
     // A copy that does not fit in one frame would make RabbitMQ close the
     // connection on every try, and the message come back for ever.
     let kept = encoded_table_len(&headers);
-    if kept > PRODUCER_HEADERS_MAX_BYTES {
+    if kept > budget {
         headers = FieldTable::default();
         headers.insert(
             HEADERS_LEFT_OUT_HEADER.into(),
@@ -850,12 +854,6 @@ fn is_broker_bookkeeping(header: &str) -> bool {
         || header == "x-delivery-count"
         || header == "x-acquired-count"
 }
-
-/// The most of the producer's headers a copy carries, as encoded: a frame
-/// is 128 KiB (RabbitMQ's default `frame_max`, which the properties of a
-/// message must fit in), and the copy adds its own headers (at most about
-/// 2 KiB) and properties.
-const PRODUCER_HEADERS_MAX_BYTES: usize = 120 * 1024;
 
 /// The size of `table` in AMQP's wire encoding (0-9-1 with RabbitMQ's field
 /// types), without encoding it.
@@ -945,12 +943,42 @@ mod tests {
         headers.insert("CC".into(), elsewhere.clone());
         headers.insert("BCC".into(), elsewhere);
         headers.insert("x-trace-id".into(), long_string("trace-7"));
-        let copy = with_headers(&BasicProperties::default().with_headers(headers), |_| {});
+        let copy = with_headers(
+            &BasicProperties::default().with_headers(headers),
+            usize::MAX,
+            |_| {},
+        );
         let names: Vec<String> = copy
             .headers()
             .as_ref()
             .map(|headers| headers.inner().keys().map(|name| name.to_string()).collect())
             .unwrap_or_default();
         assert_eq!(names, ["x-trace-id"]);
+    }
+
+    /// The producer's headers stay in a copy while they fit the budget, as
+    /// encoded on the wire; past it they are left out, and their size told.
+    #[test]
+    fn headers_past_the_budget_are_left_out() {
+        let mut headers = FieldTable::default();
+        headers.insert("x-big".into(), long_string(&"a".repeat(1_000)));
+        let properties = BasicProperties::default().with_headers(headers);
+        // 4 (table) + 1 + 5 ("x-big") + 1 (type) + 4 + 1000 (long string)
+        let encoded = 1_015;
+        let names = |copy: &BasicProperties| -> Vec<String> {
+            copy.headers()
+                .as_ref()
+                .map(|headers| headers.inner().keys().map(|name| name.to_string()).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(names(&with_headers(&properties, encoded, |_| {})), ["x-big"]);
+        let copy = with_headers(&properties, encoded - 1, |_| {});
+        assert_eq!(names(&copy), [HEADERS_LEFT_OUT_HEADER]);
+        assert_eq!(
+            copy.headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(HEADERS_LEFT_OUT_HEADER).cloned()),
+            Some(AMQPValue::LongLongInt(1_015))
+        );
     }
 }

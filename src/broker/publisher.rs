@@ -56,7 +56,13 @@ impl From<NameTooLong> for PublishError {
 pub struct Publisher {
     channel: Channel,
     confirm_timeout: Duration,
+    /// The connection's negotiated frame size; 0 means no limit.
+    frame_max: u32,
 }
+
+/// What a copy's own headers and its other properties may take in a frame
+/// at most (our headers about 1.3 KiB, the producer's short properties).
+const COPY_HEADROOM_BYTES: usize = 4 * 1024;
 
 impl Publisher {
     /// Opens a channel on `connection` and puts it in confirm mode.
@@ -75,7 +81,17 @@ impl Publisher {
         Ok(Publisher {
             channel,
             confirm_timeout,
+            frame_max: connection.configuration().frame_max(),
         })
+    }
+
+    /// How many bytes of a producer's headers, encoded, a copy of its message
+    /// may carry: the properties of a message must fit in one frame.
+    pub fn headers_budget(&self) -> usize {
+        match usize::try_from(self.frame_max) {
+            Ok(0) | Err(_) => usize::MAX,
+            Ok(frame_max) => frame_max.saturating_sub(COPY_HEADROOM_BYTES),
+        }
     }
 
     /// The underlying channel, e.g. to check it is still open.
