@@ -253,17 +253,20 @@ async fn wait_for_unacked(queue: &str, n: u64) {
     }
 }
 
-/// A memory alarm while the worker answers an event: RabbitMQ blocks the
-/// connection on which the worker publishes, once it publishes the reply.
-/// The worker says so; its acks, on a connection of their own, go on, so
-/// another message is finished during the alarm. When the alarm clears,
-/// the reply goes out and its message is acked too; each applied once.
+/// A memory alarm while the worker answers an event and retries another:
+/// RabbitMQ blocks the connection on which the worker publishes, once it
+/// publishes the reply. The worker says so; its acks, on a connection of
+/// their own, go on, so a message that needs nothing published is finished
+/// during the alarm. The reply and the retry copy wait, however long the
+/// alarm lasts (not given up at the confirm timeout and tried again, which
+/// would multiply the copies); when it clears they go out and their
+/// messages are acked, each applied or retried once.
 #[tokio::test]
 async fn a_memory_alarm_blocks_only_the_workers_publishing_and_nothing_is_lost() {
     let _serial = SERIAL.lock().await;
     let db = TestDb::new().await;
-    // The reply waits for its confirm through the alarm.
-    let settings = settings_for(&db, &[("OPSGATE__AMQP__CONFIRM_TIMEOUT_SECS", "60")]);
+    // The alarm lasts several confirm timeouts.
+    let settings = settings_for(&db, &[("OPSGATE__AMQP__CONFIRM_TIMEOUT_SECS", "1")]);
     let producer = Producer::new(&settings).await;
     let (answered, silent) = (Uuid::new_v4(), Uuid::new_v4());
     let worker = start_worker(&settings);
@@ -290,6 +293,9 @@ async fn a_memory_alarm_blocks_only_the_workers_publishing_and_nothing_is_lost()
         .unwrap();
     let answered_lock = hold_release_lock(&db, answered).await;
     let silent_lock = hold_release_lock(&db, silent).await;
+    // A release nobody created: its check is retried.
+    let unknown = Uuid::new_v4();
+    let unknown_lock = hold_release_lock(&db, unknown).await;
     let mut child = Command::new(env!("CARGO_BIN_EXE_opsgate"))
         .arg("--config-dir")
         .arg(config_dir())
@@ -310,7 +316,8 @@ async fn a_memory_alarm_blocks_only_the_workers_publishing_and_nothing_is_lost()
             serde_json::json!({"check_name": "unit_tests", "status": "pass"}),
         )
     };
-    let (with_reply, without) = (check(answered), check(silent));
+    let (with_reply, without, orphan) = (check(answered), check(silent), check(unknown));
+    producer.wait_for_consumers(1, SECS_20).await;
     producer
         .publish_raw(
             &serde_json::to_vec(&with_reply).unwrap(),
@@ -318,7 +325,10 @@ async fn a_memory_alarm_blocks_only_the_workers_publishing_and_nothing_is_lost()
             lapin::BasicProperties::default().with_reply_to(replies.as_str().into()),
         )
         .await;
+    wait_for_lock_waits(&db, 1, SECS_20).await;
     producer.publish(&without).await;
+    producer.publish(&orphan).await;
+    // The other two wait in a batch of their own, or in one each.
     wait_for_lock_waits(&db, 2, SECS_20).await;
 
     let ingest = settings.amqp.namespace.clone() + ".ingest";
@@ -336,17 +346,37 @@ async fn a_memory_alarm_blocks_only_the_workers_publishing_and_nothing_is_lost()
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
         free_release_lock(answered_lock, answered).await;
-        wait_for_status(&db.pool, &key_of(&with_reply), "accepted", SECS_20).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        // Its reply is blocked, and so is its ack; the other message is
-        // acked all the same.
+        free_release_lock(unknown_lock, unknown).await;
         free_release_lock(silent_lock, silent).await;
+        wait_for_status(&db.pool, &key_of(&with_reply), "accepted", SECS_20).await;
+        wait_for_status(&db.pool, &key_of(&orphan), "error", SECS_20).await;
         wait_for_status(&db.pool, &key_of(&without), "accepted", SECS_20).await;
-        wait_for_unacked(&ingest, 1).await;
+        // The reply and the retry copy are blocked, and so are their acks;
+        // the other message is acked all the same.
+        wait_for_unacked(&ingest, 2).await;
+        // Past several confirm timeouts.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(unacked(&ingest), 2);
         let waiting = producer.queue_state(&replies).await.message_count();
         assert_eq!(waiting, 0, "the reply waits for the alarm to clear");
+        assert_eq!(
+            ledger(&db.pool, &key_of(&orphan)).await,
+            vec![("error".to_owned(), 409)],
+            "the retried message was not processed again"
+        );
     }
     wait_for_unacked(&ingest, 0).await;
+    // One retry copy went out: two more attempts (the schedule is 1 s, 1 s),
+    // then one dead letter.
+    let (_, headers) = producer.next_dead_letter(SECS_20).await;
+    assert_eq!(header_i64(&headers, "x-opsgate-code"), Some(409));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        producer.dead_letter_count().await,
+        0,
+        "a second copy was dead-lettered"
+    );
+    assert_eq!(ledger(&db.pool, &key_of(&orphan)).await.len(), 3);
     assert_eq!(
         producer.queue_state(&replies).await.message_count(),
         1,

@@ -58,6 +58,8 @@ pub struct Publisher {
     confirm_timeout: Duration,
     /// The connection's negotiated frame size; 0 means no limit.
     frame_max: u32,
+    /// Whether RabbitMQ has blocked the connection (a memory or disk alarm).
+    connection: lapin::ConnectionStatus,
 }
 
 /// What a copy's own headers and its other properties may take in a frame
@@ -82,6 +84,7 @@ impl Publisher {
             channel,
             confirm_timeout,
             frame_max: connection.configuration().frame_max(),
+            connection: connection.status().clone(),
         })
     }
 
@@ -102,6 +105,10 @@ impl Publisher {
     /// Publishes and waits for the broker's confirm. Persistent (delivery
     /// mode 2) unless `properties` set a delivery mode. With `mandatory`, a
     /// message no queue would receive is an error instead of silently lost.
+    /// While RabbitMQ blocks the connection (an alarm), the confirm timeout
+    /// does not run out: the message waits in the connection's buffer and
+    /// goes out when the alarm clears; given up, it would still go out then,
+    /// beside the copy the caller would publish again.
     pub async fn publish(
         &self,
         exchange: &str,
@@ -137,14 +144,20 @@ impl Publisher {
                 .await?
                 .await
         };
-        let confirmation = tokio::time::timeout(self.confirm_timeout, confirmed)
-            .await
-            .map_err(|_| PublishError::Timeout {
-                exchange: exchange.to_owned(),
-                routing_key: routing_key.to_owned(),
-                timeout: self.confirm_timeout,
-            })?
-            .map_err(broker)?;
+        let mut confirmed = std::pin::pin!(confirmed);
+        let confirmation = loop {
+            match tokio::time::timeout(self.confirm_timeout, &mut confirmed).await {
+                Ok(confirmation) => break confirmation.map_err(broker)?,
+                Err(_) if self.connection.blocked() => {}
+                Err(_) => {
+                    return Err(PublishError::Timeout {
+                        exchange: exchange.to_owned(),
+                        routing_key: routing_key.to_owned(),
+                        timeout: self.confirm_timeout,
+                    });
+                }
+            }
+        };
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(PublishError::Unroutable {
