@@ -214,14 +214,15 @@ async fn settle(
     Ok(failed(&failure, next))
 }
 
-/// PostgreSQL became unavailable part way through a batch. The deliveries
-/// before the one it failed on are done (committed, or their failure
-/// recorded): `settled` holds their outcomes, in order, to be kept; the
-/// rest are to be processed again once the database answers.
+/// PostgreSQL became unavailable part way through a batch. Some deliveries
+/// may be done already (committed together, or one by one before the
+/// failure, or their failure recorded): `settled` has one entry per
+/// delivery, in order, with the outcome of each one that is done, to be
+/// kept; those without are to be processed again once the database answers.
 #[derive(Debug, thiserror::Error)]
 #[error("{unavailable}")]
 pub struct Interrupted {
-    pub settled: Vec<Outcome>,
+    pub settled: Vec<Option<Outcome>>,
     pub unavailable: DatabaseUnavailable,
 }
 
@@ -275,36 +276,34 @@ pub async fn process_batch(
             }
         }
     }
-    let mut done = Vec::with_capacity(attempts.len());
-    for ((attempt, outcome), parsed) in attempts.iter().zip(outcomes).zip(parsed) {
-        done.push(match outcome {
-            Some(outcome) => outcome,
-            // Parsed above, not again.
-            None => {
-                let settled = settle(
-                    pool,
-                    attempt.body,
-                    parsed,
-                    attempt.attempt,
-                    attempt.retries_left,
-                    options,
-                )
-                .await;
-                match settled {
-                    Ok(outcome) => outcome,
-                    // The ones before are committed: processing them again
-                    // would answer "duplicate", or record a failure twice.
-                    Err(unavailable) => {
-                        return Err(Interrupted {
-                            settled: done,
-                            unavailable,
-                        });
-                    }
-                }
+    for (index, (attempt, parsed)) in attempts.iter().zip(parsed).enumerate() {
+        if outcomes[index].is_some() {
+            continue;
+        }
+        // Parsed above, not again.
+        let settled = settle(
+            pool,
+            attempt.body,
+            parsed,
+            attempt.attempt,
+            attempt.retries_left,
+            options,
+        )
+        .await;
+        match settled {
+            Ok(outcome) => outcomes[index] = Some(outcome),
+            // Those done are committed: processing them again would answer
+            // "duplicate", or record a failure twice.
+            Err(unavailable) => {
+                return Err(Interrupted {
+                    settled: outcomes,
+                    unavailable,
+                });
             }
-        });
+        }
     }
-    Ok(done)
+    // Every delivery has its outcome now.
+    Ok(outcomes.into_iter().flatten().collect())
 }
 
 /// What a delivery of a successful shared transaction became.

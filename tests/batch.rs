@@ -722,12 +722,7 @@ async fn a_batch_interrupted_by_a_lost_database_keeps_what_was_settled() {
     let interrupted = ingest::process_batch(&db.pool, &first_attempts(&all), &options())
         .await
         .expect_err("the second delivery's session was ended");
-    let settled: Vec<(Status, u16)> = interrupted
-        .settled
-        .iter()
-        .map(|outcome| (outcome.status, outcome.code))
-        .collect();
-    assert_eq!(settled, [(Status::Accepted, 200)], "{interrupted:?}");
+    assert_eq!(settled(&interrupted), [Some((Status::Accepted, 200)), None]);
 
     // The rest, once the database answers again.
     let rest = process(&db.pool, &all[1..]).await;
@@ -740,4 +735,67 @@ async fn a_batch_interrupted_by_a_lost_database_keeps_what_was_settled() {
         ledger(&db.pool, &key_of(&lost)).await,
         vec![("accepted".to_owned(), 200)]
     );
+}
+
+/// (status, code) of each delivery an interrupted batch had settled.
+fn settled(interrupted: &ingest::Interrupted) -> Vec<Option<(Status, u16)>> {
+    interrupted
+        .settled
+        .iter()
+        .map(|outcome| outcome.as_ref().map(|outcome| (outcome.status, outcome.code)))
+        .collect()
+}
+
+/// The deliveries committed together are settled too when PostgreSQL goes
+/// away while a delivery that could not join them (not an envelope) is
+/// recorded afterwards: those after it are not processed again either.
+#[tokio::test]
+async fn a_batch_interrupted_after_its_shared_transaction_keeps_all_it_committed() {
+    let db = TestDb::new().await;
+    // The first refusal recorded ends its own session.
+    sqlx::raw_sql(
+        "CREATE SEQUENCE public.refusals;
+         CREATE FUNCTION public.lose_the_session() RETURNS trigger
+         LANGUAGE plpgsql SECURITY DEFINER AS $$
+         BEGIN
+             IF nextval('public.refusals') = 1 THEN
+                 PERFORM pg_terminate_backend(pg_backend_pid());
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER lose_the_session BEFORE INSERT ON ops.event_ingest_log
+             FOR EACH ROW WHEN (NEW.processing_status = 'rejected') EXECUTE FUNCTION public.lose_the_session();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (first, last) = (
+        release_created(fresh_release(), "first"),
+        release_created(fresh_release(), "last"),
+    );
+    let all = vec![
+        serde_json::to_vec(&first).unwrap(),
+        b"not json".to_vec(),
+        serde_json::to_vec(&last).unwrap(),
+    ];
+
+    let interrupted = ingest::process_batch(&db.pool, &first_attempts(&all), &options())
+        .await
+        .expect_err("the refusal's session was ended");
+    assert_eq!(
+        settled(&interrupted),
+        [Some((Status::Accepted, 200)), None, Some((Status::Accepted, 200))]
+    );
+    let rest = process(&db.pool, &all[1..2]).await;
+    assert_eq!(
+        (rest[0].status, rest[0].code),
+        (Status::Rejected, 400),
+        "{rest:?}"
+    );
+    for created in [&first, &last] {
+        assert_eq!(
+            ledger(&db.pool, &key_of(created)).await,
+            vec![("accepted".to_owned(), 200)]
+        );
+    }
 }

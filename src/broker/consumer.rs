@@ -575,16 +575,26 @@ async fn handle(
         .collect();
 
     let mut wait = Duration::from_millis(100);
-    let mut outcomes = Vec::with_capacity(attempts.len());
-    while outcomes.len() < attempts.len() {
-        let rest = &attempts[outcomes.len()..];
-        match ingest::process_batch(&context.pool, rest, &context.ingest).await {
-            Ok(settled) => outcomes.extend(settled),
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; attempts.len()];
+    loop {
+        let pending: Vec<usize> = (0..attempts.len()).filter(|&i| outcomes[i].is_none()).collect();
+        if pending.is_empty() {
+            break;
+        }
+        let rest: Vec<ingest::Attempt<'_>> = pending.iter().map(|&i| attempts[i]).collect();
+        match ingest::process_batch(&context.pool, &rest, &context.ingest).await {
+            Ok(settled) => {
+                for (&i, outcome) in pending.iter().zip(settled) {
+                    outcomes[i] = Some(outcome);
+                }
+            }
             Err(interrupted) => {
                 // Those settled before the failure are kept, not processed again.
-                outcomes.extend(interrupted.settled);
+                for (&i, outcome) in pending.iter().zip(interrupted.settled) {
+                    outcomes[i] = outcome;
+                }
                 tracing::warn!(error = %interrupted.unavailable, retry_in_ms = wait.as_millis() as u64,
-                    deliveries = attempts.len() - outcomes.len(),
+                    deliveries = outcomes.iter().filter(|outcome| outcome.is_none()).count(),
                     "holding the message until PostgreSQL answers");
                 tokio::select! {
                     // Leave them unacked: they are redelivered once the channel closes.
@@ -596,6 +606,8 @@ async fn handle(
         }
     }
     drop(transaction);
+    // Every delivery has its outcome now (the loop ends only then).
+    let outcomes = outcomes.into_iter().flatten();
     // Replies, retries and dead letters each wait for a confirm: wait for
     // them together rather than one after the other.
     futures_util::future::join_all(deliveries.iter().zip(&attempts).zip(outcomes).map(
