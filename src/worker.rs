@@ -99,15 +99,17 @@ async fn check_role(settings: &Settings) -> Result<(), WorkerError> {
         }
     };
     // The name is validated by the settings: lowercase letters, digits and _.
-    let taken = sqlx::query(sqlx::AssertSqlSafe(format!("SET ROLE \"{role}\"")))
-        .execute(&mut conn)
-        .await;
+    let set_role = sqlx::query(sqlx::AssertSqlSafe(format!("SET ROLE \"{role}\""))).execute(&mut conn);
+    let taken = tokio::time::timeout(settings.database.acquire_timeout(), set_role).await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.close()).await;
     match taken {
-        Err(error) if !crate::database::is_connection_error(&error) => Err(WorkerError::DatabaseRole {
-            role: role.clone(),
-            reason: crate::database::describe(&error),
-        }),
+        // A server going down meanwhile is an outage, not a wrong role.
+        Ok(Err(error)) if crate::ingest::classify(&error) != crate::ingest::Fault::Unavailable => {
+            Err(WorkerError::DatabaseRole {
+                role: role.clone(),
+                reason: crate::database::describe(&error),
+            })
+        }
         _ => Ok(()),
     }
 }
@@ -156,7 +158,9 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), W
             // shutdown: until consuming starts there is nothing in flight.
             let publishing = tokio::select! {
                 () = cancel.cancelled() => return Ok((SessionEnd::Cancelled, std::time::Instant::now())),
-                publishing = broker::connect(&settings.amqp, PUBLISHING_CONNECTION) => publishing?,
+                // Not broker::connect: a timed-out handshake would leave its
+                // thread and socket behind, in a process that runs for months.
+                publishing = broker::connect_unbounded(&settings.amqp, PUBLISHING_CONNECTION) => publishing?,
             };
             let connections = SessionConnections {
                 consuming: &connection,

@@ -28,8 +28,9 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, 
     }
 }
 
-/// One connection attempt that waits for the handshake as long as it takes.
-async fn connect_unbounded(settings: &AmqpSettings, name: &str) -> Result<Connection, BrokerError> {
+/// One connection attempt that waits for the handshake as long as it takes
+/// (the worker's: it races the attempt against its shutdown instead).
+pub async fn connect_unbounded(settings: &AmqpSettings, name: &str) -> Result<Connection, BrokerError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(settings.url.expose(), properties)
         .await
