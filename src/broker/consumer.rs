@@ -211,12 +211,13 @@ pub async fn consume(
         let publisher = publisher.clone();
         let session_over = session_over.clone();
         let publisher_lost = publisher_lost.clone();
+        let consuming = channel.clone();
         tasks.spawn(async move {
             handle(
                 deliveries,
                 in_database,
                 &context,
-                &publisher,
+                (&publisher, &consuming),
                 &session_over,
                 &publisher_lost,
             )
@@ -553,11 +554,13 @@ impl Drop for InDatabase {
 /// Processes a batch of deliveries to the end: outcomes (one transaction
 /// when they all succeed), replies, dispositions. The transaction slot is
 /// given back as soon as the database is done with the batch.
+/// `channels`: the publisher, and the consuming channel the deliveries
+/// came on (and are acked on).
 async fn handle(
     deliveries: Vec<lapin::message::Delivery>,
     transaction: InDatabase,
     context: &ConsumerContext,
-    publisher: &Publisher,
+    channels: (&Publisher, &lapin::Channel),
     session_over: &CancellationToken,
     publisher_lost: &CancellationToken,
 ) {
@@ -617,7 +620,7 @@ async fn handle(
                 attempt.attempt,
                 outcome,
                 context,
-                publisher,
+                channels,
                 publisher_lost,
             )
         },
@@ -631,7 +634,7 @@ async fn finish(
     attempt: u32,
     outcome: Outcome,
     context: &ConsumerContext,
-    publisher: &Publisher,
+    (publisher, consuming): (&Publisher, &lapin::Channel),
     publisher_lost: &CancellationToken,
 ) {
     tracing::info!(
@@ -642,6 +645,17 @@ async fn finish(
         error = outcome.error.as_deref().unwrap_or(""),
         "processed"
     );
+    // The publishing connection may outlive the consuming one: a reply or a
+    // copy sent now could not be followed by the ack, and the redelivery
+    // would send it again.
+    if !consuming.status().connected() {
+        tracing::warn!(
+            key = outcome.idempotency_key.as_deref().unwrap_or(""),
+            attempt,
+            "the consuming channel is closed; the message will be redelivered, nothing is sent for it now"
+        );
+        return;
+    }
 
     // A message on its way to a retry is not finished: the producer hears
     // the final outcome only.
@@ -810,7 +824,7 @@ fn with_headers(
     // A copy that does not fit in one frame would make RabbitMQ close the
     // connection on every try, and the message come back for ever.
     let kept = encoded_table_len(&headers);
-    if kept > budget {
+    if !headers.inner().is_empty() && kept > budget {
         headers = FieldTable::default();
         headers.insert(
             HEADERS_LEFT_OUT_HEADER.into(),
@@ -900,8 +914,9 @@ fn encoded_value_len(value: &AMQPValue) -> usize {
 }
 
 /// RabbitMQ's sender-selected distribution: a message is also routed by the
-/// routing keys in these headers (`BCC` is removed on delivery; `CC` is
-/// kept, so a producer's would travel into every copy).
+/// routing keys in these headers. RabbitMQ removes `BCC` on delivery, and
+/// `CC` too up to 3.x; where it keeps `CC`, a producer's would travel into
+/// every copy.
 fn is_sender_selected_routing(header: &str) -> bool {
     header == "CC" || header == "BCC"
 }
@@ -946,8 +961,8 @@ mod tests {
         assert_eq!(jittered_ms(Duration::from_secs(1), 0.0), 1_000);
     }
 
-    /// RabbitMQ 3.10 drops `CC` on delivery, RabbitMQ 4 may keep it: a copy
-    /// must carry neither, or it is routed past its delay tier too.
+    /// RabbitMQ 3.10 drops `CC` on delivery, later versions may keep it: a
+    /// copy must carry neither, or it is routed past its delay tier too.
     #[test]
     fn copies_carry_no_sender_selected_routing() {
         let mut headers = FieldTable::default();
