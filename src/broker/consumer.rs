@@ -286,7 +286,9 @@ async fn open_session(
         .basic_qos(context.prefetch, BasicQosOptions::default())
         .await
         .map_err(channel_error)?;
-    let publisher = Publisher::new(connections.publishing, context.confirm_timeout).await?;
+    let publisher = Publisher::new(connections.publishing, context.confirm_timeout)
+        .await?
+        .waiting_out_alarms();
     let consumer = channel
         .basic_consume(
             context.topology.ingest_queue.as_str().into(),

@@ -60,6 +60,8 @@ pub struct Publisher {
     frame_max: u32,
     /// Whether RabbitMQ has blocked the connection (a memory or disk alarm).
     connection: lapin::ConnectionStatus,
+    /// Whether the confirm timeout waits while the connection is blocked.
+    waits_out_alarms: bool,
 }
 
 /// What a copy's own headers and its other properties may take in a frame
@@ -85,7 +87,20 @@ impl Publisher {
             confirm_timeout,
             frame_max: connection.configuration().frame_max(),
             connection: connection.status().clone(),
+            waits_out_alarms: false,
         })
+    }
+
+    /// The worker's publisher: while RabbitMQ blocks the connection (an
+    /// alarm), the confirm timeout does not run out. The message waits in
+    /// the connection's buffer and goes out when the alarm clears; given up,
+    /// it would still go out then, beside the copy the worker would publish
+    /// again on the next delivery. (A command such as `opsgate publish`
+    /// keeps its timeout, so that a CI step does not hang.)
+    #[must_use]
+    pub fn waiting_out_alarms(mut self) -> Publisher {
+        self.waits_out_alarms = true;
+        self
     }
 
     /// How many bytes of a producer's headers, encoded, a copy of its message
@@ -105,10 +120,7 @@ impl Publisher {
     /// Publishes and waits for the broker's confirm. Persistent (delivery
     /// mode 2) unless `properties` set a delivery mode. With `mandatory`, a
     /// message no queue would receive is an error instead of silently lost.
-    /// While RabbitMQ blocks the connection (an alarm), the confirm timeout
-    /// does not run out: the message waits in the connection's buffer and
-    /// goes out when the alarm clears; given up, it would still go out then,
-    /// beside the copy the caller would publish again.
+    /// See [`Publisher::waiting_out_alarms`].
     pub async fn publish(
         &self,
         exchange: &str,
@@ -148,7 +160,7 @@ impl Publisher {
         let confirmation = loop {
             match tokio::time::timeout(self.confirm_timeout, &mut confirmed).await {
                 Ok(confirmation) => break confirmation.map_err(broker)?,
-                Err(_) if self.connection.blocked() => {}
+                Err(_) if self.waits_out_alarms && self.connection.blocked() => {}
                 Err(_) => {
                     return Err(PublishError::Timeout {
                         exchange: exchange.to_owned(),
