@@ -203,6 +203,16 @@ async fn postgresql_restarted_while_messages_flow() {
     producer.finish().await;
 }
 
+/// A worker process that a failed assertion does not leave running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// RabbitMQ's memory high watermark as `rabbitmqctl set_vm_memory_high_watermark`
 /// takes it back, to restore it after an alarm.
 fn memory_watermark() -> Vec<String> {
@@ -296,18 +306,20 @@ async fn a_memory_alarm_blocks_only_the_workers_publishing_and_nothing_is_lost()
     // A release nobody created: its check is retried.
     let unknown = Uuid::new_v4();
     let unknown_lock = hold_release_lock(&db, unknown).await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_opsgate"))
-        .arg("--config-dir")
-        .arg(config_dir())
-        .arg("worker")
-        .env_clear()
-        .envs(env_of(&settings))
-        .env("RUST_LOG", "warn")
-        .env("OPSGATE__LOG__FORMAT", "json")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn the worker");
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_opsgate"))
+            .arg("--config-dir")
+            .arg(config_dir())
+            .arg("worker")
+            .env_clear()
+            .envs(env_of(&settings))
+            .env("RUST_LOG", "warn")
+            .env("OPSGATE__LOG__FORMAT", "json")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the worker"),
+    );
     let check = |release| {
         envelope(
             "check_result",
@@ -332,6 +344,10 @@ async fn a_memory_alarm_blocks_only_the_workers_publishing_and_nothing_is_lost()
     wait_for_lock_waits(&db, 2, SECS_20).await;
 
     let ingest = settings.amqp.namespace.clone() + ".ingest";
+    // A topology nobody consumes, for a command to publish into.
+    let elsewhere_settings = settings_for(&db, &[("OPSGATE__AMQP__CONFIRM_TIMEOUT_SECS", "1")]);
+    let elsewhere_producer = Producer::new(&elsewhere_settings).await;
+    let elsewhere = (elsewhere_settings, elsewhere_producer);
     let watermark = memory_watermark();
     {
         let restore = watermark.clone();
@@ -354,8 +370,44 @@ async fn a_memory_alarm_blocks_only_the_workers_publishing_and_nothing_is_lost()
         // The reply and the retry copy are blocked, and so are their acks;
         // the other message is acked all the same.
         wait_for_unacked(&ingest, 2).await;
-        // Past several confirm timeouts.
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        // A command keeps its confirm timeout (1 s): a CI step that
+        // publishes during an alarm fails (exit 3) rather than hangs. This
+        // also takes the worker past several confirm timeouts.
+        let mut publishing = Command::new(env!("CARGO_BIN_EXE_opsgate"))
+            .arg("--config-dir")
+            .arg(config_dir())
+            .args([
+                "publish",
+                "--event",
+                "release_created",
+                "--payload",
+                r#"{"project": "p", "release_name": "r"}"#,
+            ])
+            .env_clear()
+            .envs(env_of(&elsewhere.0))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run opsgate publish");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let exited = loop {
+            if let Some(status) = publishing.try_wait().unwrap() {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                // Not left waiting for an alarm that only this test clears.
+                let _ = publishing.kill();
+                let _ = publishing.wait();
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(
+            exited.and_then(|status| status.code()),
+            Some(3),
+            "opsgate publish gives up at its confirm timeout"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(unacked(&ingest), 2);
         let waiting = producer.queue_state(&replies).await.message_count();
         assert_eq!(waiting, 0, "the reply waits for the alarm to clear");
@@ -390,10 +442,10 @@ async fn a_memory_alarm_blocks_only_the_workers_publishing_and_nothing_is_lost()
     }
     assert_checks_applied_once(&db.pool, 2).await;
 
-    assert!(run("kill", &["-TERM", &child.id().to_string()]));
-    let status = child.wait().expect("the worker exits");
+    assert!(run("kill", &["-TERM", &child.0.id().to_string()]));
+    let status = child.0.wait().expect("the worker exits");
     let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(
         stderr.contains("RabbitMQ blocked a connection") && stderr.contains(r#""connection":"publishing""#),
@@ -402,4 +454,5 @@ async fn a_memory_alarm_blocks_only_the_workers_publishing_and_nothing_is_lost()
     assert!(!stderr.contains(r#""connection":"consuming""#), "{stderr}");
     assert_eq!(producer.ready_count().await, 0);
     producer.finish().await;
+    elsewhere.1.finish().await;
 }
