@@ -334,9 +334,12 @@ impl BrokerFailure {
                             }
                             // Not an end: the session goes on once RabbitMQ reads again.
                             lapin::Event::ConnectionBlocked(why) => {
-                                tracing::warn!(connection = role, reason = %why,
-                            "RabbitMQ blocked a connection (a memory or disk alarm); what it publishes waits \
-                             until it is unblocked")
+                                tracing::warn!(
+                                    connection = role,
+                                    reason = %why,
+                                    "RabbitMQ blocked a connection (a memory or disk alarm); \
+                                     what it publishes waits until it is unblocked"
+                                );
                             }
                             lapin::Event::ConnectionUnblocked => {
                                 tracing::info!(connection = role, "RabbitMQ unblocked a connection");
