@@ -278,13 +278,7 @@ async fn a_memory_alarm_blocks_only_the_workers_publishing_and_nothing_is_lost()
     // The alarm lasts several confirm timeouts.
     let settings = settings_for(&db, &[("OPSGATE__AMQP__CONFIRM_TIMEOUT_SECS", "1")]);
     let producer = Producer::new(&settings).await;
-    let (answered, silent) = (Uuid::new_v4(), Uuid::new_v4());
-    let worker = start_worker(&settings);
-    for (release, name) in [(answered, "v1"), (silent, "v2")] {
-        let (reply, _) = producer.request(&release_created(release, name)).await;
-        assert_eq!(reply["status"], "accepted");
-    }
-    worker.stop().await;
+    let [answered, silent] = created_releases(&settings, &producer).await;
 
     // Replies to a queue of the test's, which it reads during the alarm
     // without publishing (a blocked connection is one that publishes).

@@ -1634,21 +1634,8 @@ async fn an_ingest_queue_deleted_under_the_worker_is_declared_again() {
     // Declared again, with its binding, and consumed.
     let deadline = std::time::Instant::now() + SECS_20;
     loop {
-        let declared = producer
-            .connection
-            .create_channel()
-            .await
-            .unwrap()
-            .queue_declare(
-                producer.topology.ingest_queue.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await;
-        if declared.is_ok_and(|queue| queue.consumer_count() == 1) {
+        let declared = producer.try_queue_state(&producer.topology.ingest_queue).await;
+        if declared.is_some_and(|queue| queue.consumer_count() == 1) {
             break;
         }
         assert!(

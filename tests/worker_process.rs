@@ -128,16 +128,6 @@ async fn a_worker_killed_mid_flow_leaves_exactly_one_effect_per_event() {
     producer.finish().await;
 }
 
-/// A release created through a worker run in this process, now stopped.
-async fn created_release(settings: &opsgate::config::Settings, producer: &Producer) -> Uuid {
-    let release_id = Uuid::new_v4();
-    let worker = start_worker(settings);
-    let (reply, _) = producer.request(&release_created(release_id, "v1")).await;
-    worker.stop().await;
-    assert_eq!(reply["status"], "accepted");
-    release_id
-}
-
 /// A worker process with one check in flight, waiting for the lock of a
 /// release the test holds (`holder`).
 struct Busy {
@@ -148,7 +138,7 @@ struct Busy {
 }
 
 async fn busy_worker(db: &TestDb, settings: &opsgate::config::Settings, producer: &Producer) -> Busy {
-    let release_id = created_release(settings, producer).await;
+    let release_id = created_releases::<1>(settings, producer).await[0];
     let holder = hold_release_lock(db, release_id).await;
     let child = spawn_worker(settings);
     let mut events = publish_checks(producer, release_id, 1).await;
@@ -210,13 +200,7 @@ async fn a_signal_stops_consuming_and_the_message_in_flight_is_finished() {
         let db = TestDb::new().await;
         let settings = settings_for(&db, &[]);
         let producer = Producer::new(&settings).await;
-        let (release_id, other) = (Uuid::new_v4(), Uuid::new_v4());
-        let worker = start_worker(&settings);
-        for (release, name) in [(release_id, "v1"), (other, "v2")] {
-            let (reply, _) = producer.request(&release_created(release, name)).await;
-            assert_eq!(reply["status"], "accepted");
-        }
-        worker.stop().await;
+        let [release_id, other] = created_releases(&settings, &producer).await;
 
         let holder = hold_release_lock(&db, release_id).await;
         let mut child = spawn_worker(&settings);
@@ -311,7 +295,7 @@ async fn a_message_that_keeps_killing_the_worker_is_dead_lettered_at_the_deliver
     let db = TestDb::new().await;
     let settings = settings_for(&db, &[("OPSGATE__AMQP__DELIVERY_LIMIT", "2")]);
     let producer = Producer::new(&settings).await;
-    let release_id = created_release(&settings, &producer).await;
+    let release_id = created_releases::<1>(&settings, &producer).await[0];
 
     // Each worker takes the message, waits for the release, and is killed.
     let holder = hold_release_lock(&db, release_id).await;

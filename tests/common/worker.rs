@@ -277,6 +277,14 @@ impl Producer {
 
     /// The state of one of the namespace's queues (messages ready, consumers).
     pub async fn queue_state(&self, queue: &str) -> lapin::Queue {
+        self.try_queue_state(queue)
+            .await
+            .unwrap_or_else(|| panic!("queue {queue} exists"))
+    }
+
+    /// As [`Producer::queue_state`]; `None` when the queue does not exist.
+    pub async fn try_queue_state(&self, queue: &str) -> Option<lapin::Queue> {
+        // A channel of its own: RabbitMQ closes it when the queue is missing.
         let channel = self.connection.create_channel().await.unwrap();
         let state = channel
             .queue_declare(
@@ -288,7 +296,7 @@ impl Producer {
                 FieldTable::default(),
             )
             .await
-            .unwrap();
+            .ok();
         let _ = channel.close(200, "inspected".into()).await;
         state
     }
@@ -377,6 +385,20 @@ pub fn release_created(release_id: Uuid, name: &str) -> Value {
             "initiating_actor": "dev-1",
         }),
     )
+}
+
+/// Releases created through a worker run in this process, now stopped.
+pub async fn created_releases<const N: usize>(settings: &Settings, producer: &Producer) -> [Uuid; N] {
+    let releases = [(); N].map(|()| Uuid::new_v4());
+    let worker = start_worker(settings);
+    for (n, release) in releases.iter().enumerate() {
+        let (reply, _) = producer
+            .request(&release_created(*release, &format!("v{n}")))
+            .await;
+        assert_eq!(reply["status"], "accepted");
+    }
+    worker.stop().await;
+    releases
 }
 
 /// Ledger rows of a key, as (status, code) in order of writing.
