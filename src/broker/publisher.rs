@@ -157,10 +157,15 @@ impl Publisher {
                 .await
         };
         let mut confirmed = std::pin::pin!(confirmed);
+        // Blocked when the last wait ran out: the alarm may have cleared just
+        // before this one did, so the confirm gets a whole wait after it.
+        let mut was_blocked = false;
         let confirmation = loop {
             match tokio::time::timeout(self.confirm_timeout, &mut confirmed).await {
                 Ok(confirmation) => break confirmation.map_err(broker)?,
-                Err(_) if self.waits_out_alarms && self.connection.blocked() => {}
+                Err(_) if self.waits_out_alarms && (self.connection.blocked() || was_blocked) => {
+                    was_blocked = self.connection.blocked();
+                }
                 Err(_) => {
                     return Err(PublishError::Timeout {
                         exchange: exchange.to_owned(),
