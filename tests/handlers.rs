@@ -1108,6 +1108,36 @@ async fn a_fact_dated_in_the_future_is_refused() {
     );
 }
 
+#[tokio::test]
+async fn a_later_deployment_event_dated_in_the_future_is_refused_too() {
+    // Only the first event of a deployment sets deployed_at, but a later one
+    // that names a time past the worker's clock is as wrong: 422, not ignored.
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    let deployment_id = Uuid::new_v4();
+    deploy(&db, r, deployment_id, "staging", "in_progress").await;
+    assert_rejected(
+        fails(
+            &db,
+            "deployment_event",
+            r,
+            None,
+            json!({"deployment_id": deployment_id, "environment": "staging", "status": "succeeded",
+                   "deployed_by": "sre-1", "deployed_at": "2099-01-01T00:00:00Z"}),
+        )
+        .await,
+        422,
+        "deployed_at 2099-01-01T00:00:00+00:00 is more than 5 minutes in the future",
+    );
+    let status: String =
+        sqlx::query_scalar("SELECT status::text FROM ops.deployments WHERE deployment_id = $1")
+            .bind(deployment_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "in_progress", "the refused event advanced nothing");
+}
+
 // --- evidence_attached ------------------------------------------------------
 
 #[tokio::test]

@@ -290,6 +290,9 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
     let eligible = blockers.is_empty();
 
     let previous_status = existing.as_ref().map(|current| current.status.clone());
+    // Checked on every event, though only the first one stores it: a time
+    // past our clock is a producer's error either way.
+    let deployed_at = fact_time("deployed_at", event.deployed_at, envelope)?;
     let stored = match existing {
         None => {
             let stored = Deployment {
@@ -298,7 +301,7 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
                 status: event.status.clone(),
                 deployed_by: event.deployed_by.clone(),
                 source_ref: event.source_ref.clone().unwrap_or(release_source_ref),
-                deployed_at: fact_time("deployed_at", event.deployed_at, envelope)?,
+                deployed_at,
                 rollback_of,
             };
             sqlx::query(
