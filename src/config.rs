@@ -180,6 +180,9 @@ pub struct WorkerSettings {
     pub shutdown_timeout_secs: u64,
     /// Upper bound of the wait between attempts while PostgreSQL is unreachable.
     pub database_retry_max_ms: u64,
+    /// How long a statement of the worker's sessions waits for a lock (a
+    /// release another session holds) before its attempt fails as transient.
+    pub lock_timeout_secs: u64,
     /// Apply pending migrations (as the login role) before consuming.
     pub migrate_on_start: bool,
     /// The role the worker's connections `SET ROLE` to (least privilege);
@@ -490,6 +493,8 @@ impl Settings {
         positive("worker.max_body_bytes", self.worker.max_body_bytes as u64)?;
         at_most_a_day_secs("worker.shutdown_timeout_secs", self.worker.shutdown_timeout_secs)?;
         at_most_a_day_ms("worker.database_retry_max_ms", self.worker.database_retry_max_ms)?;
+        positive("worker.lock_timeout_secs", self.worker.lock_timeout_secs)?;
+        at_most_a_day_secs("worker.lock_timeout_secs", self.worker.lock_timeout_secs)?;
         let role = &self.worker.database_role;
         let plain_name = role.len() <= 63
             && role.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')

@@ -54,7 +54,14 @@ pub fn pool(settings: &Settings) -> Result<PgPool, WorkerError> {
     // The worker runs the same few statements (and the derivation's) over and
     // over with different ids. With custom plans PostgreSQL may plan them
     // again on every execution; generic plans are planned once per connection.
-    let options = options.options([("plan_cache_mode", "force_generic_plan")]);
+    // A lock held elsewhere for ever (an open psql transaction on a release)
+    // fails the attempt after this, as a transient fault, instead of holding
+    // a transaction slot until someone notices.
+    let lock_timeout = format!("{}s", settings.worker.lock_timeout_secs);
+    let options = options.options([
+        ("plan_cache_mode", "force_generic_plan"),
+        ("lock_timeout", lock_timeout.as_str()),
+    ]);
     let role = settings.worker.database_role.clone();
     let pool = PgPoolOptions::new()
         .max_connections(settings.database.max_connections)

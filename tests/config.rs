@@ -268,6 +268,16 @@ fn every_setting_is_validated_at_start() {
             "worker.database_retry_max_ms",
         ),
         (
+            "OPSGATE__WORKER__LOCK_TIMEOUT_SECS",
+            "0",
+            "worker.lock_timeout_secs",
+        ),
+        (
+            "OPSGATE__WORKER__LOCK_TIMEOUT_SECS",
+            "86401",
+            "worker.lock_timeout_secs",
+        ),
+        (
             "OPSGATE__AMQP__RECONNECT_MAX_MS",
             "86400001",
             "amqp.reconnect_max_ms",

@@ -1292,15 +1292,13 @@ async fn retries_wait_the_delays_of_the_schedule_in_turn() {
 }
 
 /// A transient fault that lasts longer than the schedule (here a release
-/// lock that is never free) is retried, then dead-lettered with 503.
+/// lock that another session never frees: without worker.lock_timeout_secs
+/// the worker would wait for it for ever) is retried, then dead-lettered
+/// with 503.
 #[tokio::test]
 async fn a_transient_fault_that_outlasts_the_retries_is_dead_lettered_with_503() {
     let db = TestDb::new().await;
-    // Waiting for a lock gives up after 300 ms on the worker's connections.
-    let base = db.settings.url.expose();
-    let separator = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{separator}options=-c%20lock_timeout%3D300ms");
-    let settings = settings_for(&db, &[("OPSGATE__DATABASE__URL", url.as_str())]);
+    let settings = settings_for(&db, &[("OPSGATE__WORKER__LOCK_TIMEOUT_SECS", "1")]);
     let producer = Producer::new(&settings).await;
     let worker = start_worker(&settings);
     let release_id = fresh_release();
