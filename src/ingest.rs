@@ -85,6 +85,10 @@ pub fn classify(error: &sqlx::Error) -> Fault {
         // should spend its retries.
         c if c.starts_with("08") || c.starts_with("57P") => Fault::Unavailable,
         "25006" | "53100" => Fault::Unavailable,
+        // The schema or the grants do not match this binary (a privilege
+        // revoked, a migration not yet applied): alike for every message of
+        // its kind until an operator fixes it, so none is dead-lettered.
+        "42501" | "42P01" | "42703" | "42883" | "42704" | "3F000" => Fault::Unavailable,
         // Serialization failure, deadlock, lock timeout, canceled, out of resources.
         "40001" | "40P01" | "55P03" | "57014" => Fault::Transient,
         c if c.starts_with("53") => Fault::Transient,

@@ -1572,6 +1572,55 @@ async fn a_read_only_database_holds_messages_instead_of_spending_their_retries()
     producer.finish().await;
 }
 
+/// A privilege the worker's role lacks (a grant revoked by mistake, or a
+/// binary newer than the migrations) fails every message of its kind alike:
+/// they are held as for a database that is down, instead of spending their
+/// retries and filling the dead-letter queue. Once the grant is back, each
+/// is processed once.
+#[tokio::test]
+async fn a_missing_privilege_holds_messages_instead_of_spending_their_retries() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[]); // retries after 1 s and 1 s
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+    let release_id = fresh_release();
+    let (reply, _) = producer.request(&release_created(release_id, "v1")).await;
+    assert_eq!(reply["status"], "accepted");
+    sqlx::query("REVOKE INSERT ON ops.gate_checks FROM opsgate_worker")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let check = check_for(release_id);
+    producer.publish(&check).await;
+
+    // Well past the whole retry schedule.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(producer.dead_letter_count().await, 0, "dead-lettered");
+    assert_eq!(
+        ledger(&db.pool, &key_of(&check)).await,
+        vec![],
+        "an attempt was spent"
+    );
+
+    sqlx::query("GRANT INSERT ON ops.gate_checks TO opsgate_worker")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    wait_for_status(&db.pool, &key_of(&check), "accepted", SECS_20).await;
+    assert_eq!(
+        ledger(&db.pool, &key_of(&check)).await,
+        vec![("accepted".to_owned(), 200)]
+    );
+    let checks: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.gate_checks")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(checks, 1);
+    assert_eq!(producer.dead_letter_count().await, 0);
+    worker.stop().await;
+    producer.finish().await;
+}
+
 /// A dead letter is the producer's message plus about a kilobyte of our
 /// headers. When the producer's headers already fill nearly all of an AMQP
 /// frame (128 KiB), the copy would not fit, and RabbitMQ would close the
