@@ -41,6 +41,16 @@ pub fn is_connection_error(error: &sqlx::Error) -> bool {
     )
 }
 
+/// The connection failed or the server is going away (SQLSTATE classes 08
+/// and 57P): an outage, whatever the statement was.
+pub fn is_server_gone(error: &sqlx::Error) -> bool {
+    is_connection_error(error)
+        || error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P"))
+}
+
 fn classify(settings: &DatabaseSettings, action: &'static str, error: sqlx::Error) -> DatabaseError {
     let address = settings.address();
     if is_connection_error(&error) {

@@ -111,12 +111,10 @@ async fn check_role(settings: &Settings) -> Result<(), WorkerError> {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.close()).await;
     match taken {
         // A server going down meanwhile is an outage, not a wrong role.
-        Ok(Err(error)) if crate::ingest::classify(&error) != crate::ingest::Fault::Unavailable => {
-            Err(WorkerError::DatabaseRole {
-                role: role.clone(),
-                reason: crate::database::describe(&error),
-            })
-        }
+        Ok(Err(error)) if !crate::database::is_server_gone(&error) => Err(WorkerError::DatabaseRole {
+            role: role.clone(),
+            reason: crate::database::describe(&error),
+        }),
         _ => Ok(()),
     }
 }

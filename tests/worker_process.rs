@@ -366,6 +366,62 @@ async fn a_database_role_the_worker_cannot_take_stops_it_at_start() {
     );
 }
 
+/// The same when the role exists but the login is not a member of it
+/// (SQLSTATE 42501, which in a message's transaction holds the message).
+#[tokio::test]
+async fn a_database_role_the_login_is_not_a_member_of_stops_the_worker_at_start() {
+    let db = TestDb::new().await;
+    let login = format!("opsgate_test_{}", Uuid::new_v4().simple());
+    let create = format!("CREATE ROLE \"{login}\" LOGIN");
+    sqlx::query(sqlx::AssertSqlSafe(create))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // The worker reads which migrations are applied before it takes its role.
+    let grant = format!("GRANT SELECT ON _sqlx_migrations TO \"{login}\"");
+    sqlx::query(sqlx::AssertSqlSafe(grant))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut url = url::Url::parse(db.settings.url.expose()).unwrap();
+    url.set_username(&login).unwrap();
+    let settings = settings_for(
+        &db,
+        &[
+            ("OPSGATE__DATABASE__URL", url.as_str()),
+            // It may not create tables: the test database is migrated already.
+            ("OPSGATE__WORKER__MIGRATE_ON_START", "false"),
+        ],
+    );
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_opsgate"))
+            .arg("--config-dir")
+            .arg(config_dir())
+            .arg("worker")
+            .env_clear()
+            .envs(env_of(&settings))
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the worker exits")
+    .expect("run the worker");
+    let drop = format!("DROP OWNED BY \"{login}\"; DROP ROLE \"{login}\"");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: cannot SET ROLE to worker.database_role \"opsgate_worker\"")
+            && stderr.contains("[SQLSTATE 42501]"),
+        "{stderr}"
+    );
+}
+
 /// With `worker.migrate_on_start`, a stop request while the migrations wait
 /// for their locks (another migration, a long transaction) stops the
 /// worker at once, exit 0, instead of waiting for the locks.

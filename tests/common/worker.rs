@@ -110,6 +110,7 @@ pub fn env_of(settings: &Settings) -> Vec<(String, String)> {
             worker.database_retry_max_ms.to_string(),
         ),
         ("WORKER__LOCK_TIMEOUT_SECS", worker.lock_timeout_secs.to_string()),
+        ("WORKER__MIGRATE_ON_START", worker.migrate_on_start.to_string()),
         ("WORKER__DATABASE_ROLE", worker.database_role.clone()),
     ]
     .into_iter()
