@@ -194,6 +194,10 @@ pub async fn consume(
         if broker_failed.token.is_cancelled() {
             break broker_failed.session_end();
         }
+        // Its retry copies and dead letters could not be published.
+        if publisher_lost.is_cancelled() {
+            break publishing_channel_closed();
+        }
         let Batch {
             deliveries,
             releases,
@@ -749,7 +753,20 @@ async fn finish(
                     "failed to forward the message: the publishing channel closed; reconnecting");
                 publisher_lost.cancel();
             }
-            super::quietly(delivery.acker.reject(BasicRejectOptions { requeue: true })).await;
+            let rejected = tokio::time::timeout(
+                ACK_TIMEOUT,
+                delivery.acker.reject(BasicRejectOptions { requeue: true }),
+            )
+            .await;
+            if !matches!(rejected, Ok(Ok(true))) {
+                // It goes back all the same, once the consuming channel closes.
+                tracing::warn!(
+                    ?rejected,
+                    key,
+                    attempt,
+                    "failed to return the message; RabbitMQ returns it when the channel closes"
+                );
+            }
         }
     }
 }
