@@ -165,7 +165,7 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), W
                 () = cancel.cancelled() => return Ok((SessionEnd::Cancelled, std::time::Instant::now())),
                 // Not broker::connect: a timed-out handshake would leave its
                 // thread and socket behind, in a process that runs for months.
-                publishing = broker::connect_unbounded(&settings.amqp, PUBLISHING_CONNECTION) => publishing?,
+                publishing = broker::connect_waiting(&settings.amqp, PUBLISHING_CONNECTION) => publishing?,
             };
             let connections = SessionConnections {
                 consuming: &connection,

@@ -484,3 +484,65 @@ async fn a_second_signal_while_draining_exits_at_once() {
     assert_eq!(checks(&db).await, 0);
     producer.finish().await;
 }
+
+/// A broker (or a load balancer in front of a dead one) that accepts the
+/// connection and never answers leaves the worker waiting, since a
+/// handshake cannot be given up without leaving its thread behind; it says
+/// so every `amqp.connect_timeout_secs`, instead of sitting idle in silence.
+#[tokio::test]
+async fn a_broker_that_never_answers_is_reported_while_the_worker_waits() {
+    let db = TestDb::new().await;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a silent listener");
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        // Accept and hold every connection, saying nothing.
+        let held: Vec<_> = silent.incoming().collect();
+        drop(held);
+    });
+    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let settings = settings_for(
+        &db,
+        &[
+            ("OPSGATE__AMQP__URL", url.as_str()),
+            ("OPSGATE__AMQP__CONNECT_TIMEOUT_SECS", "1"),
+        ],
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_opsgate"))
+        .arg("--config-dir")
+        .arg(config_dir())
+        .arg("worker")
+        .env_clear()
+        .envs(env_of(&settings))
+        .env("RUST_LOG", "warn")
+        .env("OPSGATE__LOG__FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the worker");
+    let stderr = child.stderr.take().unwrap();
+    let (lines, reported) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen = Vec::new();
+    let found = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match reported.recv_timeout(left) {
+            Ok(line) if line.contains("RabbitMQ has not answered the connection yet; still waiting") => {
+                break Some(line);
+            }
+            Ok(line) => seen.push(line),
+            Err(_) => break None,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = found.unwrap_or_else(|| panic!("no report of the wait within 15 s; stderr: {seen:?}"));
+    let logged: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(logged["connection"], "opsgate-worker", "{line}");
+}

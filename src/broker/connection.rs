@@ -42,6 +42,30 @@ pub async fn connect_unbounded(settings: &AmqpSettings, name: &str) -> Result<Co
         })
 }
 
+/// `connect_unbounded`, saying every `amqp.connect_timeout_secs` that it is
+/// still waiting: a broker or load balancer that accepts the connection and
+/// never answers would otherwise leave the worker idle without a word.
+pub async fn connect_waiting(settings: &AmqpSettings, name: &str) -> Result<Connection, BrokerError> {
+    let connecting = connect_unbounded(settings, name);
+    tokio::pin!(connecting);
+    let started = Instant::now();
+    let mut reminders = tokio::time::interval_at(
+        tokio::time::Instant::now() + settings.connect_timeout(),
+        settings.connect_timeout(),
+    );
+    loop {
+        tokio::select! {
+            result = &mut connecting => return result,
+            _ = reminders.tick() => tracing::warn!(
+                address = %settings.url,
+                connection = %name,
+                waited_secs = started.elapsed().as_secs(),
+                "RabbitMQ has not answered the connection yet; still waiting"
+            ),
+        }
+    }
+}
+
 /// A broker that answered and refused (a wrong password, an unknown vhost)
 /// is not helped by starting it.
 fn connect_hint(error: &lapin::Error) -> &'static str {
@@ -130,7 +154,7 @@ impl Reconnector {
             attempt += 1;
             let result = tokio::select! {
                 () = cancel.cancelled() => return None,
-                result = connect_unbounded(&self.settings, &self.name) => result,
+                result = connect_waiting(&self.settings, &self.name) => result,
             };
             let error = match result {
                 Ok(connection) => {
