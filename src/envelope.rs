@@ -212,7 +212,11 @@ pub fn parse(body: &[u8], max_bytes: usize) -> Result<Envelope, Rejection> {
         schema_version: text_field(&object, "schema_version"),
         release_id: text_field(&object, "release_id").and_then(|id| Uuid::parse_str(&id).ok()),
     };
-    if let Some(path) = find_nul(&Value::Object(object.clone()), "$") {
+    // A NUL reaches a JSON string only as the escape \u0000 (raw control
+    // characters are not JSON), so a body without one needs no walk.
+    if text.contains("\\u0000")
+        && let Some(path) = find_nul_in(&object, "$")
+    {
         return Err(reject(400, format!("NUL character in {path}"), partial));
     }
 
@@ -358,15 +362,19 @@ fn find_nul(value: &Value, path: &str) -> Option<String> {
             .iter()
             .enumerate()
             .find_map(|(index, item)| find_nul(item, &format!("{path}[{index}]"))),
-        Value::Object(map) => map.iter().find_map(|(key, item)| {
-            if key.contains('\0') {
-                Some(format!("a key of {path}"))
-            } else {
-                find_nul(item, &format!("{path}.{key}"))
-            }
-        }),
+        Value::Object(map) => find_nul_in(map, path),
         _ => None,
     }
+}
+
+fn find_nul_in(map: &serde_json::Map<String, Value>, path: &str) -> Option<String> {
+    map.iter().find_map(|(key, item)| {
+        if key.contains('\0') {
+            Some(format!("a key of {path}"))
+        } else {
+            find_nul(item, &format!("{path}.{key}"))
+        }
+    })
 }
 
 #[cfg(test)]
@@ -453,6 +461,22 @@ mod tests {
             (nul.code, nul.reason.as_str()),
             (400, "NUL character in $.payload.note")
         );
+    }
+
+    #[test]
+    fn a_nul_is_found_in_keys_and_arrays_and_a_written_backslash_u_is_no_nul() {
+        let in_key = parse(&body(&[("payload", serde_json::json!({"a\u{0}": 1}))]), 4096).unwrap_err();
+        assert_eq!(in_key.reason, "NUL character in a key of $.payload");
+        let in_array = parse(
+            &body(&[("payload", serde_json::json!({"tags": ["x", "\u{0}"]}))]),
+            4096,
+        )
+        .unwrap_err();
+        assert_eq!(in_array.reason, "NUL character in $.payload.tags[1]");
+        // The six characters \u0000, not the escape: text, no NUL.
+        let written = body(&[("payload", serde_json::json!({"note": "C:\\u0000"}))]);
+        assert!(String::from_utf8_lossy(&written).contains("\\\\u0000"));
+        assert!(parse(&written, 4096).is_ok());
     }
 
     #[test]
