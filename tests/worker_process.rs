@@ -334,6 +334,25 @@ async fn a_message_that_keeps_killing_the_worker_is_dead_lettered_at_the_deliver
     producer.finish().await;
 }
 
+/// Runs `opsgate worker` until it exits by itself (within 30 s).
+async fn worker_until_it_exits(settings: &opsgate::config::Settings) -> std::process::Output {
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_opsgate"))
+            .arg("--config-dir")
+            .arg(config_dir())
+            .arg("worker")
+            .env_clear()
+            .envs(env_of(settings))
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the worker exits")
+    .expect("run the worker")
+}
+
 /// A database role the worker cannot take would fail every pooled
 /// connection, which the pool reports only as a timeout: the worker would
 /// hold every message as if PostgreSQL were down. It refuses to start
@@ -342,21 +361,7 @@ async fn a_message_that_keeps_killing_the_worker_is_dead_lettered_at_the_deliver
 async fn a_database_role_the_worker_cannot_take_stops_it_at_start() {
     let db = TestDb::new().await;
     let settings = settings_for(&db, &[("OPSGATE__WORKER__DATABASE_ROLE", "no_such_role")]);
-    let output = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_opsgate"))
-            .arg("--config-dir")
-            .arg(config_dir())
-            .arg("worker")
-            .env_clear()
-            .envs(env_of(&settings))
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the worker exits")
-    .expect("run the worker");
+    let output = worker_until_it_exits(&settings).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
@@ -393,21 +398,7 @@ async fn a_database_role_the_login_is_not_a_member_of_stops_the_worker_at_start(
             ("OPSGATE__WORKER__MIGRATE_ON_START", "false"),
         ],
     );
-    let output = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_opsgate"))
-            .arg("--config-dir")
-            .arg(config_dir())
-            .arg("worker")
-            .env_clear()
-            .envs(env_of(&settings))
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the worker exits")
-    .expect("run the worker");
+    let output = worker_until_it_exits(&settings).await;
     let drop = format!("DROP OWNED BY \"{login}\"; DROP ROLE \"{login}\"");
     sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
         .execute(&db.pool)
