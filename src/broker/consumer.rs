@@ -532,15 +532,49 @@ fn admit(received: Received, held: &mut VecDeque<Received>, busy: &BusyReleases,
 /// Moves the held deliveries whose release is free into the batch, oldest
 /// first, up to `batch_size`.
 fn take_free_held(held: &mut VecDeque<Received>, busy: &BusyReleases, batch: &mut Batch, batch_size: usize) {
+    let room = batch_size.saturating_sub(batch.len());
+    let taken = take_in_order(
+        held,
+        |received| received.release,
+        |release| busy.is_busy(release),
+        room,
+    );
+    for received in taken {
+        batch.push(received);
+    }
+}
+
+/// Takes up to `room` items out of `held`, oldest first, skipping those
+/// whose release is busy. A release found busy stays skipped for the rest of
+/// the scan: batches free their releases from other threads meanwhile, and
+/// a later delivery of a release must not go ahead of an earlier one that
+/// was skipped a moment before (a health check before its deployment).
+fn take_in_order<T>(
+    held: &mut VecDeque<T>,
+    release_of: impl Fn(&T) -> Option<Uuid>,
+    mut is_busy: impl FnMut(&Uuid) -> bool,
+    room: usize,
+) -> Vec<T> {
+    let mut taken = Vec::new();
+    let mut skipped: Vec<Uuid> = Vec::new();
     let mut index = 0;
-    while index < held.len() && batch.len() < batch_size {
-        let free = held[index].release.is_none_or(|release| !busy.is_busy(&release));
-        if !free {
+    while index < held.len() && taken.len() < room {
+        let release = release_of(&held[index]);
+        let free = release.is_none_or(|release| !skipped.contains(&release) && !is_busy(&release));
+        if free {
+            if let Some(item) = held.remove(index) {
+                taken.push(item);
+            }
+        } else {
+            if let Some(release) = release
+                && !skipped.contains(&release)
+            {
+                skipped.push(release);
+            }
             index += 1;
-        } else if let Some(received) = held.remove(index) {
-            batch.push(received);
         }
     }
+    taken
 }
 
 /// A batch's hold on the database: its transaction slot and its releases,
@@ -964,6 +998,41 @@ mod tests {
         let mut headers = FieldTable::default();
         headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(3));
         assert_eq!(attempt_of(&BasicProperties::default().with_headers(headers)), 3);
+    }
+
+    #[test]
+    fn held_deliveries_of_a_release_keep_their_order_when_it_comes_free_mid_scan() {
+        let (r, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut held: VecDeque<(Option<Uuid>, &str)> = VecDeque::from([
+            (Some(r), "deployment"),
+            (Some(other), "check"),
+            (Some(r), "health check"),
+            (None, "unreadable"),
+        ]);
+        // r is busy when the scan first asks, and freed (by a batch on
+        // another thread) before it asks again.
+        let mut asked = 0;
+        let taken = take_in_order(
+            &mut held,
+            |item| item.0,
+            |release| {
+                asked += 1;
+                *release == r && asked == 1
+            },
+            10,
+        );
+        let names: Vec<&str> = taken.iter().map(|item| item.1).collect();
+        assert_eq!(names, ["check", "unreadable"]);
+        let left: Vec<&str> = held.iter().map(|item| item.1).collect();
+        assert_eq!(left, ["deployment", "health check"], "still in order");
+
+        // Once free, both go, in order; and no more than there is room for.
+        let taken = take_in_order(&mut held, |item| item.0, |_| false, 1);
+        assert_eq!(
+            taken.iter().map(|item| item.1).collect::<Vec<_>>(),
+            ["deployment"]
+        );
+        assert_eq!(held.len(), 1);
     }
 
     #[test]
