@@ -476,6 +476,36 @@ async fn a_second_signal_while_draining_exits_at_once() {
     producer.finish().await;
 }
 
+/// Two stop signals back to back (a supervisor's SIGTERM and an impatient
+/// Ctrl-C) are both heard: the second one ends the drain at once, though it
+/// came before the worker had finished reacting to the first.
+#[tokio::test]
+async fn two_stop_signals_back_to_back_exit_at_once() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[("OPSGATE__WORKER__SHUTDOWN_TIMEOUT_SECS", "60")]);
+    let producer = Producer::new(&settings).await;
+    let Busy {
+        mut child,
+        holder,
+        release_id,
+        event,
+    } = busy_worker(&db, &settings, &producer).await;
+    // One shell sends both, microseconds apart.
+    let sent = Command::new("sh")
+        .args(["-c", "kill -TERM \"$0\"; kill -INT \"$0\""])
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let (status, _) = exit_of(&mut child, Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(130));
+    free_release_lock(holder, release_id).await;
+    wait_for_ready(&producer, 1).await;
+    assert!(ledger(&db.pool, &key_of(&event)).await.is_empty());
+    assert_eq!(checks(&db).await, 0);
+    producer.finish().await;
+}
+
 /// A broker (or a load balancer in front of a dead one) that accepts the
 /// connection and never answers leaves the worker waiting, since a
 /// handshake cannot be given up without leaving its thread behind; it says

@@ -90,13 +90,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Worker => {
             let cancel = tokio_util::sync::CancellationToken::new();
             let on_signal = cancel.clone();
+            // Listening before anything else runs: a stop request during
+            // start-up, or a second one right after the first, is not lost.
+            let mut signals = crate::shutdown::StopSignals::install();
             tokio::spawn(async move {
-                crate::shutdown::signal().await;
+                signals.next().await;
                 on_signal.cancel();
                 // Whoever asks twice does not want to wait for the drain. What
                 // is not committed is rolled back; what is, but not acked,
                 // comes back as a duplicate.
-                crate::shutdown::signal().await;
+                signals.next().await;
                 eprintln!("error: stopped again before the in-flight messages finished; exiting at once");
                 std::process::exit(i32::from(crate::shutdown::STOPPED_AGAIN));
             });

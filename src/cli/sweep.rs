@@ -26,8 +26,9 @@ pub async fn run(settings: &Settings, args: SweepArgs) -> anyhow::Result<ExitCod
     }
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
+    let mut signals = crate::shutdown::StopSignals::install();
     tokio::spawn(async move {
-        crate::shutdown::signal().await;
+        signals.next().await;
         on_signal.cancel();
     });
     sweeps::run_periodically(pool, settings.sweeps.clone(), cancel).await;
