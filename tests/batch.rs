@@ -355,7 +355,7 @@ async fn the_release_lock_is_held_until_the_transaction_ends() {
     // Make the handler's write slow, to look at the lock while it runs.
     sqlx::raw_sql(
         "CREATE FUNCTION public.slow_down() RETURNS trigger LANGUAGE plpgsql AS
-             $$ BEGIN PERFORM pg_sleep(0.5); RETURN NEW; END $$;
+             $$ BEGIN PERFORM pg_sleep(3); RETURN NEW; END $$;
          CREATE TRIGGER slow_down BEFORE INSERT ON ops.gate_checks
              FOR EACH ROW EXECUTE FUNCTION public.slow_down();",
     )
@@ -366,14 +366,23 @@ async fn the_release_lock_is_held_until_the_transaction_ends() {
     let pool = db.pool.clone();
     let check = bodies(&[g1_check(release, "lint", "pass")]);
     let running = tokio::spawn(async move { process(&pool, &check).await });
-    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    let free_while_running: bool =
-        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1::text, 0))")
-            .bind(release)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert!(!free_while_running, "the handler runs under the release lock");
+    // Looked at while the handler sleeps in its write (3 s), without taking it.
+    let mut held_while_running = false;
+    while !running.is_finished() && !held_while_running {
+        held_while_running = sqlx::query_scalar(
+            // A bigint key shows as its high and low 32 bits.
+            "SELECT EXISTS (SELECT 1 FROM pg_locks
+                            WHERE locktype = 'advisory' AND granted AND objsubid = 1
+                              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                              AND (classid::bigint << 32) | objid::bigint = hashtextextended($1::text, 0))",
+        )
+        .bind(release)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(held_while_running, "the handler runs under the release lock");
     let outcomes = running.await.unwrap();
     assert_eq!(outcomes[0].status, Status::Accepted);
     let mut conn = db.pool.acquire().await.unwrap();

@@ -159,7 +159,8 @@ async fn events_published_to_the_exchange_land_in_the_ingest_queue() {
 
 #[tokio::test]
 async fn retry_tier_returns_the_message_to_ingest_after_its_delay() {
-    let delay = Duration::from_secs(1);
+    // Long enough that the probe below comes well before it on a slow machine.
+    let delay = Duration::from_secs(3);
     let harness = Harness::new(vec![delay], 3).await;
     let retry_queue = harness.topology.retry_queue(0);
     let sent = Instant::now();

@@ -321,7 +321,9 @@ async fn an_unknown_release_is_retried_then_dead_lettered_with_409() {
 #[tokio::test]
 async fn a_release_created_arriving_during_the_retries_rescues_the_event() {
     let db = TestDb::new().await;
-    let settings = settings_for(&db, &[("OPSGATE__RETRY__SCHEDULE_SECS", "2,2")]);
+    // The release_created has at least 4.8 s (6 s less the jitter) to be
+    // applied before the retry comes.
+    let settings = settings_for(&db, &[("OPSGATE__RETRY__SCHEDULE_SECS", "6,6")]);
     let producer = Producer::new(&settings).await;
     let worker = start_worker(&settings);
 
@@ -333,7 +335,7 @@ async fn a_release_created_arriving_during_the_retries_rescues_the_event() {
 
     let (reply, _) = producer.request(&release_created(release_id, "v1")).await;
     assert_eq!(reply["status"], "accepted");
-    let rows = wait_for_status(&db.pool, &key_of(&early), "accepted", SECS_10).await;
+    let rows = wait_for_status(&db.pool, &key_of(&early), "accepted", SECS_20).await;
     assert_eq!(
         rows,
         vec![("error".to_owned(), 409), ("accepted".to_owned(), 200)]
@@ -851,11 +853,19 @@ async fn a_batch_is_put_together_when_a_transaction_slot_frees_up() {
             json!({"check_name": "lint", "status": "pass"}),
         ))
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The check is in the slot, waiting for the lock, before the others come.
+    wait_for_lock_waits(&db, 1, SECS_10).await;
     for n in 0..6 {
         producer
             .publish(&release_created(fresh_release(), &format!("v{n}")))
             .await;
+    }
+    // All six delivered to the worker (none ready in the queue), then a
+    // moment more in which nothing may start.
+    let deadline = std::time::Instant::now() + SECS_10;
+    while producer.ready_count().await > 0 {
+        assert!(std::time::Instant::now() < deadline, "the worker takes the six");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
@@ -1138,7 +1148,10 @@ async fn sessions_that_end_soon_after_they_begin_back_off() {
 #[tokio::test]
 async fn a_healthy_session_resets_the_reconnect_backoff() {
     let db = TestDb::new().await;
-    let short = Duration::from_millis(200);
+    // Short sessions long enough for both connections' handshakes on a slow
+    // machine: a connection cut before its handshake ends is a failed
+    // attempt, not a session, and would shift the count below.
+    let short = Duration::from_millis(500);
     let sessions = [short, short, short, Duration::from_secs(3), short];
     // The proxy cuts each connection after its own duration: both of a session alike.
     let connections = sessions
@@ -1151,9 +1164,10 @@ async fn a_healthy_session_resets_the_reconnect_backoff() {
     let gaps = connection_gaps(&proxy, 6, Duration::from_secs(30)).await;
     worker.stop().await;
     let ms = millis(&gaps);
-    // Pauses of 150-300, 300-600 and 600-1200 ms after the short sessions;
-    // without the reset the next ones would be 1200-2400 ms.
-    assert!(ms[2] >= 800, "the backoff grew first: {ms:?}");
+    // Pauses of 150-300, 300-600 and 600-1200 ms after the short sessions
+    // (without growth the third gap would be at most 800 ms); without the
+    // reset the next ones would be 1200-2400 ms.
+    assert!(ms[2] >= 1_050, "the backoff grew first: {ms:?}");
     assert!(
         ms[3] < 3_000 + 1_000,
         "no pause after the healthy session: {ms:?}"
@@ -1241,8 +1255,10 @@ async fn a_lost_connection_stops_holding_messages_for_postgresql() {
     worker.stop().await;
     producer.finish().await;
     let after = reconnected - cut_at;
+    // The attempt in progress gives up after 1 s; the rest is teardown, a
+    // backoff pause and a new session, with room for a slow machine.
     assert!(
-        after < Duration::from_millis(1_000 + 1_500),
+        after < Duration::from_secs(5),
         "reconnected {after:?} after the cut"
     );
 }
@@ -1265,7 +1281,9 @@ async fn attempt_times(db: &TestDb, key: &str) -> Vec<chrono::DateTime<chrono::U
 #[tokio::test]
 async fn retries_wait_the_delays_of_the_schedule_in_turn() {
     let db = TestDb::new().await;
-    let settings = settings_for(&db, &[("OPSGATE__RETRY__SCHEDULE_SECS", "1,3")]);
+    // Tiers far enough apart that a slow machine's delays (the attempt, the
+    // copy, its expiry and dead-lettering back) cannot blur them.
+    let settings = settings_for(&db, &[("OPSGATE__RETRY__SCHEDULE_SECS", "1,5")]);
     let producer = Producer::new(&settings).await;
     let worker = start_worker(&settings);
 
@@ -1280,12 +1298,12 @@ async fn retries_wait_the_delays_of_the_schedule_in_turn() {
         .map(|w| (w[1] - w[0]).num_milliseconds())
         .collect();
     assert!(
-        (800..2_000).contains(&gaps[0]),
+        (800..3_500).contains(&gaps[0]),
         "first retry after about 1 s: {gaps:?}"
     );
     assert!(
-        (2_400..4_000).contains(&gaps[1]),
-        "second retry after about 3 s: {gaps:?}"
+        (4_000..7_500).contains(&gaps[1]),
+        "second retry after about 5 s: {gaps:?}"
     );
     worker.stop().await;
     producer.finish().await;

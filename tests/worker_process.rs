@@ -212,7 +212,7 @@ async fn a_signal_stops_consuming_and_the_message_in_flight_is_finished() {
         // worker that is still finishing its message. (A quorum queue counts
         // a cancelled consumer until its messages are settled, so the
         // consumer count cannot show the cancel.)
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let later = publish_checks(&producer, other, 1).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(
