@@ -174,6 +174,9 @@ pub struct WorkerSettings {
     /// Batches applied at once, each in one transaction on its own pooled
     /// connection (at most `database.max_connections`).
     pub max_transactions: usize,
+    /// How long a batch that is not full waits for more deliveries (0: not
+    /// at all).
+    pub batch_linger_ms: u64,
     /// Bodies larger than this are rejected with 413.
     pub max_body_bytes: usize,
     /// On SIGTERM, how long in-flight messages may take before the worker exits.
@@ -493,6 +496,13 @@ impl Settings {
         positive("worker.max_body_bytes", self.worker.max_body_bytes as u64)?;
         at_most_a_day_secs("worker.shutdown_timeout_secs", self.worker.shutdown_timeout_secs)?;
         at_most_a_day_ms("worker.database_retry_max_ms", self.worker.database_retry_max_ms)?;
+        if self.worker.batch_linger_ms > 1000 {
+            return Err(ConfigError::invalid(
+                "worker.batch_linger_ms",
+                &self.worker.batch_linger_ms.to_string(),
+                "must be from 0 to 1000 (milliseconds)",
+            ));
+        }
         positive("worker.lock_timeout_secs", self.worker.lock_timeout_secs)?;
         at_most_a_day_secs("worker.lock_timeout_secs", self.worker.lock_timeout_secs)?;
         let role = &self.worker.database_role;

@@ -134,6 +134,7 @@ pub async fn run(settings: &Settings, cancel: CancellationToken) -> Result<(), W
     });
 
     let context = Arc::new(ConsumerContext {
+        batch_linger: std::time::Duration::from_millis(settings.worker.batch_linger_ms),
         pool: pool.clone(),
         topology: topology(settings),
         ingest: IngestOptions {

@@ -278,6 +278,11 @@ fn every_setting_is_validated_at_start() {
             "worker.lock_timeout_secs",
         ),
         (
+            "OPSGATE__WORKER__BATCH_LINGER_MS",
+            "1001",
+            "worker.batch_linger_ms",
+        ),
+        (
             "OPSGATE__AMQP__RECONNECT_MAX_MS",
             "86400001",
             "amqp.reconnect_max_ms",

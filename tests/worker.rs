@@ -897,6 +897,39 @@ async fn a_batch_is_put_together_when_a_transaction_slot_frees_up() {
     producer.finish().await;
 }
 
+/// With `worker.batch_linger_ms`, a batch that is not full waits that long
+/// for deliveries still on their way: events that arrive a little apart at
+/// a steady rate share one transaction instead of one each.
+#[tokio::test]
+async fn a_batch_lingers_for_deliveries_on_their_way() {
+    let db = TestDb::new().await;
+    let settings = settings_for(&db, &[("OPSGATE__WORKER__BATCH_LINGER_MS", "1000")]);
+    let producer = Producer::new(&settings).await;
+    let worker = start_worker(&settings);
+    producer.wait_for_consumers(1, SECS_10).await;
+    for n in 0..3 {
+        producer
+            .publish(&release_created(fresh_release(), &format!("v{n}")))
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_count(
+        &db.pool,
+        "SELECT count(*) FROM ops.event_ingest_log WHERE processing_status = 'accepted'",
+        3,
+        SECS_10,
+    )
+    .await;
+    let per_transaction: Vec<i64> =
+        sqlx::query_scalar("SELECT count(*) FROM ops.event_ingest_log GROUP BY written_in_xact")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(per_transaction, vec![3], "one transaction for the three");
+    worker.stop().await;
+    producer.finish().await;
+}
+
 #[tokio::test]
 async fn a_delivery_of_a_release_in_another_batch_waits_without_taking_a_transaction_slot() {
     let db = TestDb::new().await;

@@ -58,6 +58,8 @@ pub struct ConsumerContext {
     pub batch_size: usize,
     /// Batches applied at once, each in its own transaction.
     pub max_transactions: usize,
+    /// How long a batch that is not full waits for more deliveries.
+    pub batch_linger: Duration,
     pub confirm_timeout: Duration,
     /// Each retry delay is shortened by up to this fraction at random.
     pub jitter: f64,
@@ -108,7 +110,7 @@ pub async fn consume(
     // transaction slot is busy, deliveries gather in the prefetch buffer and
     // the next batch takes them all (up to batch_size). Under load batches
     // grow and each message costs less; a quiet queue still gets
-    // one-message transactions at once.
+    // one-message transactions, after at most batch_linger.
     let transactions = Arc::new(Semaphore::new(context.max_transactions));
     let mut tasks = JoinSet::new();
     // Deliveries received while their release was in another batch's
@@ -172,8 +174,7 @@ pub async fn consume(
             }
             break broker_failed.session_end();
         }
-        // Whatever else has already arrived joins the batch, without waiting
-        // for more: a quiet queue still gets one-message batches at once.
+        // Whatever else has already arrived joins the batch.
         while lost.is_none() && batch.len() < context.batch_size {
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 break;
@@ -184,6 +185,29 @@ pub async fn consume(
             match received(next, slot, context.ingest.max_body_bytes) {
                 Ok(received) => admit(received, &mut held, &busy, &mut batch),
                 Err(reason) => lost = Some(reason),
+            }
+        }
+        // Then, if asked, a moment more for deliveries still on their way:
+        // at a steady rate a batch of several costs the database much less
+        // than as many batches of one.
+        if !context.batch_linger.is_zero() {
+            let until = tokio::time::Instant::now() + context.batch_linger;
+            while lost.is_none() && batch.len() < context.batch_size {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                let next = tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => break,
+                    () = publisher_lost.cancelled() => break,
+                    () = broker_failed.token.cancelled() => break,
+                    () = tokio::time::sleep_until(until) => break,
+                    next = consumer.next() => next,
+                };
+                match received(next, slot, context.ingest.max_body_bytes) {
+                    Ok(received) => admit(received, &mut held, &busy, &mut batch),
+                    Err(reason) => lost = Some(reason),
+                }
             }
         }
         // An end that came while the batch was put together: its deliveries

@@ -99,6 +99,7 @@ pub fn env_of(settings: &Settings) -> Vec<(String, String)> {
         ("SWEEPS__INTERVAL_SECS", settings.sweeps.interval_secs.to_string()),
         ("WORKER__MAX_IN_FLIGHT", worker.max_in_flight.to_string()),
         ("WORKER__BATCH_SIZE", worker.batch_size.to_string()),
+        ("WORKER__BATCH_LINGER_MS", worker.batch_linger_ms.to_string()),
         ("WORKER__MAX_TRANSACTIONS", worker.max_transactions.to_string()),
         ("WORKER__MAX_BODY_BYTES", worker.max_body_bytes.to_string()),
         (
