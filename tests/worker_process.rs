@@ -454,26 +454,7 @@ async fn a_signal_while_migrating_on_start_stops_the_worker() {
 /// goes back to the queue.
 #[tokio::test]
 async fn a_second_signal_while_draining_exits_at_once() {
-    let db = TestDb::new().await;
-    let settings = settings_for(&db, &[("OPSGATE__WORKER__SHUTDOWN_TIMEOUT_SECS", "60")]);
-    let producer = Producer::new(&settings).await;
-    let Busy {
-        mut child,
-        holder,
-        release_id,
-        event,
-    } = busy_worker(&db, &settings, &producer).await;
-    signal(&child, "-TERM");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(child.try_wait().unwrap().is_none(), "still draining");
-    signal(&child, "-INT");
-    let (status, _) = exit_of(&mut child, Duration::from_secs(5)).await;
-    assert_eq!(status.code(), Some(130));
-    free_release_lock(holder, release_id).await;
-    wait_for_ready(&producer, 1).await;
-    assert!(ledger(&db.pool, &key_of(&event)).await.is_empty());
-    assert_eq!(checks(&db).await, 0);
-    producer.finish().await;
+    stopped_twice(false).await;
 }
 
 /// Two stop signals back to back (a supervisor's SIGTERM and an impatient
@@ -481,6 +462,13 @@ async fn a_second_signal_while_draining_exits_at_once() {
 /// came before the worker had finished reacting to the first.
 #[tokio::test]
 async fn two_stop_signals_back_to_back_exit_at_once() {
+    stopped_twice(true).await;
+}
+
+/// A worker draining a message it cannot finish gets SIGTERM, then SIGINT
+/// (half a second later, or `back_to_back`): it exits 130 at once, and the
+/// message is neither applied nor lost.
+async fn stopped_twice(back_to_back: bool) {
     let db = TestDb::new().await;
     let settings = settings_for(&db, &[("OPSGATE__WORKER__SHUTDOWN_TIMEOUT_SECS", "60")]);
     let producer = Producer::new(&settings).await;
@@ -490,13 +478,20 @@ async fn two_stop_signals_back_to_back_exit_at_once() {
         release_id,
         event,
     } = busy_worker(&db, &settings, &producer).await;
-    // One shell sends both, microseconds apart.
-    let sent = Command::new("sh")
-        .args(["-c", "kill -TERM \"$0\"; kill -INT \"$0\""])
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    if back_to_back {
+        // One shell sends both, microseconds apart.
+        let sent = Command::new("sh")
+            .args(["-c", "kill -TERM \"$0\"; kill -INT \"$0\""])
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    } else {
+        signal(&child, "-TERM");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(child.try_wait().unwrap().is_none(), "still draining");
+        signal(&child, "-INT");
+    }
     let (status, _) = exit_of(&mut child, Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(130));
     free_release_lock(holder, release_id).await;
