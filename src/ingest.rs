@@ -72,18 +72,17 @@ pub enum Fault {
 }
 
 pub fn classify(error: &sqlx::Error) -> Fault {
-    if crate::database::is_connection_error(error) {
+    // Connection exceptions, admin/crash shutdown, cannot connect now.
+    if crate::database::is_server_gone(error) {
         return Fault::Unavailable;
     }
     let Some(code) = error.as_database_error().and_then(|e| e.code()) else {
         return Fault::Transient;
     };
     match code.as_ref() {
-        // Connection exceptions, admin/crash shutdown, cannot connect now; and
-        // a server that answers but takes no writes (read-only after a
+        // A server that answers but takes no writes (read-only after a
         // failover, a full disk): every message would fail alike, so none
         // should spend its retries.
-        c if c.starts_with("08") || c.starts_with("57P") => Fault::Unavailable,
         "25006" | "53100" => Fault::Unavailable,
         // The schema or the grants do not match this binary (a privilege
         // revoked, a migration not yet applied): alike for every message of

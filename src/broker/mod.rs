@@ -9,7 +9,7 @@ mod topology;
 
 use std::time::Duration;
 
-pub use connection::{Reconnector, connect, connect_unbounded, connect_waiting};
+pub use connection::{Reconnector, connect, connect_waiting};
 pub use publisher::{PublishError, Publisher};
 pub use topology::{DEAD_QUEUE_DELIVERY_LIMIT, Topology};
 
