@@ -358,37 +358,24 @@ async fn apply_together(
     let mut tx = begin_locked(pool, &releases).await?;
     let claims = ledger::claim_batch(&mut tx, &requests, writer).await?;
 
-    // A result reports its gate's status as derived right after its event;
-    // the batch-wide save at the end reads it later, which is the same only
-    // when no later event of the batch touches the same release.
-    let mut last_of_release: HashMap<Uuid, usize> = HashMap::new();
-    for (position, claim) in claims.iter().enumerate() {
-        if claim.is_some() {
-            last_of_release.insert(requests[position].envelope.release_id, position);
-        }
-    }
-    let mut results: HashMap<Uuid, Value> = HashMap::new();
     let mut pending = Vec::new();
-    for (position, (request, claim)) in requests.iter().zip(&claims).enumerate() {
+    for (request, claim) in requests.iter().zip(&claims) {
         let Some(ingest_id) = *claim else { continue };
         let handled = match handlers::dispatch(&mut tx, request.envelope).await {
             Ok(handled) => handled,
             Err(HandlerError::Database { source, .. }) => return Err(source.into()),
             Err(error) => return Err(Together::Singly(error.to_string())),
         };
-        if last_of_release.get(&request.envelope.release_id) == Some(&position) {
-            pending.push(PendingResult {
-                ingest_id,
-                result: handled.result,
-                gate_status_of: handled.gate_status_of,
-            });
-        } else {
-            let result =
-                ledger::save_result(&mut tx, ingest_id, &handled.result, handled.gate_status_of).await?;
-            results.insert(ingest_id, result);
-        }
+        pending.push(PendingResult {
+            ingest_id,
+            result: handled.result,
+            reports: handled.reports,
+        });
     }
-    results.extend(ledger::save_results(&mut tx, &pending).await?);
+    // Each release of the batch derived once, after all of its events; the
+    // results then report the state the transaction commits.
+    handlers::derive_pending(&mut tx, None).await?;
+    let results = ledger::save_results(&mut tx, &pending).await?;
 
     // Keys accepted before this batch, and keys claimed earlier in it.
     let claimed_here: HashMap<&str, (&str, Uuid)> = requests
@@ -474,7 +461,10 @@ async fn apply(
     {
         NextAction::StartProcessing { ingest_id } => {
             let handled = handlers::dispatch(&mut tx, envelope).await?;
-            let result = ledger::save_result(&mut tx, ingest_id, &handled.result, handled.gate_status_of)
+            handlers::derive_pending(&mut tx, None)
+                .await
+                .db("derive the release")?;
+            let result = ledger::save_result(&mut tx, ingest_id, &handled.result, handled.reports)
                 .await
                 .db("store the result")?;
             Applied::Accepted(result)
@@ -499,6 +489,9 @@ async fn apply(
 /// after BEGIN, its failure (a lock timeout, a cancel) would leave the
 /// pooled connection in an aborted transaction that sqlx does not know it
 /// has opened; before BEGIN, a failure ends the message with nothing open.
+/// The same statement sets `opsgate.derive_at_end` for the transaction: its
+/// facts are derived once per release, by `handlers::derive_pending` or at
+/// commit (migration 0016), not once per fact.
 async fn begin_locked(
     pool: &PgPool,
     releases: &[Uuid],
@@ -510,7 +503,10 @@ async fn begin_locked(
 /// the literal cannot carry anything but ids.
 fn begin_and_lock_sql(releases: &[Uuid]) -> String {
     let ids: Vec<String> = releases.iter().map(Uuid::to_string).collect();
-    format!("SELECT ops.lock_releases('{{{}}}'::uuid[]); BEGIN", ids.join(","))
+    format!(
+        "SELECT ops.lock_releases('{{{}}}'::uuid[]), set_config('opsgate.derive_at_end', 'on', true); BEGIN",
+        ids.join(",")
+    )
 }
 
 async fn record(pool: &PgPool, failure: &FailedAttempt<'_>, writer: &str) -> Result<(), DatabaseUnavailable> {

@@ -10,6 +10,7 @@ use sqlx::{PgConnection, Postgres, Row};
 use uuid::Uuid;
 
 use crate::envelope::{Envelope, MAX_IDEMPOTENCY_KEY_BYTES, Partial};
+use crate::handlers::Reports;
 use crate::text::{MAX_ERROR_BYTES, clipped};
 
 /// What to do with an envelope whose key may have been seen before.
@@ -56,19 +57,18 @@ pub async fn try_processing(
 }
 
 /// Stores the handler's result on the accepted row, in the claiming
-/// transaction, and returns it as stored. With `gate_status_of`, the result
-/// gets that gate's `gate_status` as derived at this point (after every
-/// write of the event), read in the same statement.
+/// transaction, and returns it as stored, with the derived state `reports`
+/// asks for read at this point (see `save_results`).
 pub async fn save_result(
     conn: &mut PgConnection,
     ingest_id: Uuid,
     result: &Value,
-    gate_status_of: Option<Uuid>,
+    reports: Reports,
 ) -> Result<Value, sqlx::Error> {
     let pending = PendingResult {
         ingest_id,
         result: result.clone(),
-        gate_status_of,
+        reports,
     };
     save_results(conn, &[pending])
         .await?
@@ -203,13 +203,15 @@ pub async fn accepted_results(
 pub struct PendingResult {
     pub ingest_id: Uuid,
     pub result: Value,
-    pub gate_status_of: Option<Uuid>,
+    pub reports: Reports,
 }
 
 /// `save_result` for many rows in one statement; returns each stored result
-/// by ingest id. A `gate_status` is read as derived at this point, so the
-/// caller saves an event's result here only when no later write of the same
-/// transaction can have changed that gate.
+/// by ingest id. The derived state the results report (`gate_status`,
+/// `g4_status`, `release_status`) is read as it stands now: the caller
+/// derives what its transaction left pending first
+/// (`handlers::derive_pending`), so a result says what the transaction
+/// commits.
 pub async fn save_results(
     conn: &mut PgConnection,
     pending: &[PendingResult],
@@ -219,20 +221,28 @@ pub async fn save_results(
     }
     let ids: Vec<Uuid> = pending.iter().map(|p| p.ingest_id).collect();
     let results: Vec<&Value> = pending.iter().map(|p| &p.result).collect();
-    let gates: Vec<Option<Uuid>> = pending.iter().map(|p| p.gate_status_of).collect();
+    let gates: Vec<Option<Uuid>> = pending.iter().map(|p| p.reports.gate_status_of).collect();
+    let deployments: Vec<Option<Uuid>> = pending.iter().map(|p| p.reports.g4_status_of).collect();
+    let releases: Vec<Option<Uuid>> = pending.iter().map(|p| p.reports.release_status_of).collect();
     let rows: Vec<(Uuid, Value)> = sqlx::query_as(
         "UPDATE ops.event_ingest_log l
-         SET result = CASE WHEN t.gate_id IS NULL THEN t.result
-                           ELSE t.result || jsonb_build_object('gate_status',
-                                (SELECT status::text FROM ops.release_gates WHERE gate_id = t.gate_id))
-                      END
-         FROM unnest($1::uuid[], $2::jsonb[], $3::uuid[]) AS t(ingest_id, result, gate_id)
+         SET result = t.result
+             || CASE WHEN t.gate_id IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('gate_status',
+                    (SELECT status::text FROM ops.release_gates WHERE gate_id = t.gate_id)) END
+             || CASE WHEN t.deployment_id IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('g4_status',
+                    (SELECT g4_status::text FROM ops.deployments WHERE deployment_id = t.deployment_id)) END
+             || CASE WHEN t.release_id IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('release_status',
+                    (SELECT status::text FROM ops.releases WHERE release_id = t.release_id)) END
+         FROM unnest($1::uuid[], $2::jsonb[], $3::uuid[], $4::uuid[], $5::uuid[])
+              AS t(ingest_id, result, gate_id, deployment_id, release_id)
          WHERE l.ingest_id = t.ingest_id
          RETURNING l.ingest_id, l.result",
     )
     .bind(&ids)
     .bind(&results)
     .bind(&gates)
+    .bind(&deployments)
+    .bind(&releases)
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().collect())

@@ -77,9 +77,19 @@ async fn deliveries_that_all_succeed_share_one_transaction() {
             Some(key_of(envelope).as_str())
         );
     }
-    // Each result reports the gate as derived right after its own event.
-    assert_eq!(outcomes[1].result.as_ref().unwrap()["gate_status"], "passed");
+    // The release is derived once, after both checks: each result reports
+    // the gate the transaction commits, never the `passed` between them.
+    assert_eq!(outcomes[1].result.as_ref().unwrap()["gate_status"], "failed");
     assert_eq!(outcomes[2].result.as_ref().unwrap()["gate_status"], "failed");
+    let g1_changes: Vec<Value> = sqlx::query_scalar(
+        "SELECT l.changes -> 'status' FROM ops.change_log l
+         JOIN ops.release_gates g ON g.gate_id::text = l.row_key
+         WHERE l.table_name = 'release_gates' AND g.gate_code = 'G1' AND l.changes ? 'status'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(g1_changes, vec![json!({"from": "pending", "to": "failed"})]);
     assert_eq!(
         ledger_transactions(&db.pool).await,
         1,

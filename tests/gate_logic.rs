@@ -1036,3 +1036,142 @@ async fn a_fact_is_derived_as_of_the_statement_that_wrote_it() {
     tx.commit().await.unwrap();
     assert_eq!(seed::gate_status(&db.pool, r, "G1").await, "bypassed");
 }
+
+// --- Derivation at the end of a transaction (migration 0016) ------------------
+
+/// A G1 check inserted by `conn`, with the same shape as `seed::check`.
+async fn insert_g1_check(conn: &mut sqlx::PgConnection, release_id: Uuid, name: &str, status: &str) {
+    sqlx::query(
+        "INSERT INTO ops.gate_checks (gate_id, check_name, source_system, status, observed_at, created_by)
+         SELECT gate_id, $2, 'github_actions', $3::ops.ops_check_status, $4, 'ci'
+         FROM ops.release_gates WHERE release_id = $1 AND gate_code = 'G1'",
+    )
+    .bind(release_id)
+    .bind(name)
+    .bind(status)
+    .bind(at(1))
+    .execute(conn)
+    .await
+    .expect("insert check");
+}
+
+async fn derive_at_end(conn: &mut sqlx::PgConnection) {
+    sqlx::query("SELECT set_config('opsgate.derive_at_end', 'on', true)")
+        .execute(conn)
+        .await
+        .unwrap();
+}
+
+async fn g1_status_in(conn: &mut sqlx::PgConnection, release_id: Uuid) -> String {
+    sqlx::query_scalar(
+        "SELECT status::text FROM ops.release_gates WHERE release_id = $1 AND gate_code = 'G1'",
+    )
+    .bind(release_id)
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
+
+async fn g1_status_changes(db: &TestDb, release_id: Uuid) -> Vec<serde_json::Value> {
+    sqlx::query_scalar(
+        "SELECT l.changes -> 'status' FROM ops.change_log l
+         JOIN ops.release_gates g ON g.gate_id::text = l.row_key
+         WHERE l.table_name = 'release_gates' AND l.release_id = $1 AND g.gate_code = 'G1'
+           AND l.changes ? 'status'
+         ORDER BY l.changed_at, l.change_id",
+    )
+    .bind(release_id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_transaction_deriving_at_its_end_derives_each_release_once_after_its_facts() {
+    let db = TestDb::new().await;
+    let r = release(&db).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    derive_at_end(&mut tx).await;
+    insert_g1_check(&mut tx, r, "unit_tests", "pass").await;
+    insert_g1_check(&mut tx, r, "lint", "fail").await;
+    assert_eq!(g1_status_in(&mut tx, r).await, "pending", "not derived per fact");
+
+    let derived: i32 = sqlx::query_scalar("SELECT ops.derive_pending()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(derived, 1, "one derivation for the release's two facts");
+    assert_eq!(g1_status_in(&mut tx, r).await, "failed");
+    let again: i32 = sqlx::query_scalar("SELECT ops.derive_pending()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(again, 0, "nothing left pending");
+    tx.commit().await.unwrap();
+
+    // The change log holds the committed change only: never `passed`.
+    assert_eq!(
+        g1_status_changes(&db, r).await,
+        vec![serde_json::json!({"from": "pending", "to": "failed"})]
+    );
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.pending_derivations")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn facts_left_pending_are_derived_at_commit_even_with_the_setting_turned_off() {
+    let db = TestDb::new().await;
+    let (left_pending, switched_off) = (release(&db).await, release(&db).await);
+
+    let mut tx = db.pool.begin().await.unwrap();
+    derive_at_end(&mut tx).await;
+    insert_g1_check(&mut tx, left_pending, "unit_tests", "pass").await;
+    tx.commit().await.unwrap();
+    assert_eq!(seed::gate_status(&db.pool, left_pending, "G1").await, "passed");
+
+    // Turning the setting off after the fact does not skip its derivation.
+    let mut tx = db.pool.begin().await.unwrap();
+    derive_at_end(&mut tx).await;
+    insert_g1_check(&mut tx, switched_off, "unit_tests", "pass").await;
+    sqlx::query("SELECT set_config('opsgate.derive_at_end', 'off', true)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(seed::gate_status(&db.pool, switched_off, "G1").await, "passed");
+
+    // Without the setting, a fact is derived at once, inside its transaction.
+    let r = release(&db).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    insert_g1_check(&mut tx, r, "unit_tests", "pass").await;
+    assert_eq!(g1_status_in(&mut tx, r).await, "passed");
+    tx.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn nobody_but_the_derivation_touches_the_pending_derivations() {
+    let db = TestDb::new().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    for role in [
+        "opsgate_worker",
+        "ci_service_role",
+        "release_manager",
+        "audit_reader",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("SET ROLE {role}")))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        for statement in [
+            "SELECT count(*) FROM ops.pending_derivations",
+            "DELETE FROM ops.pending_derivations",
+        ] {
+            let refused = sqlx::query(statement).execute(&mut *conn).await;
+            assert_eq!(sqlstate(refused), "42501", "{role}: {statement}");
+        }
+        sqlx::query("RESET ROLE").execute(&mut *conn).await.unwrap();
+    }
+}

@@ -47,7 +47,12 @@ fn envelope(event_type: &str, release_id: Uuid, gate_code: Option<&str>, payload
 /// succeeds, and returns the result as the ledger stores it (which adds the
 /// reported gate's derived status).
 async fn apply(db: &TestDb, envelope: &Envelope) -> Result<Value, HandlerError> {
+    // As the worker's transactions: facts derived once, before the result is stored.
     let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT set_config('opsgate.derive_at_end', 'on', true)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     let hash = envelope.payload_hash();
     let NextAction::StartProcessing { ingest_id } =
         ledger::try_processing(&mut tx, envelope, &hash, 1, "test")
@@ -57,7 +62,8 @@ async fn apply(db: &TestDb, envelope: &Envelope) -> Result<Value, HandlerError> 
         panic!("the key of {} was claimed before", envelope.idempotency_key);
     };
     let handled = dispatch(&mut tx, envelope).await?;
-    let result = ledger::save_result(&mut tx, ingest_id, &handled.result, handled.gate_status_of)
+    opsgate::handlers::derive_pending(&mut tx, None).await.unwrap();
+    let result = ledger::save_result(&mut tx, ingest_id, &handled.result, handled.reports)
         .await
         .unwrap();
     tx.commit().await.unwrap();

@@ -471,6 +471,10 @@ async fn every_governance_table_records_provenance() {
             // Provenance itself: each entry's changed_at and changed_by.
             continue;
         }
+        if table == "pending_derivations" {
+            // Bookkeeping of one transaction, empty outside it (migration 0016).
+            continue;
+        }
         assert!(row.get::<bool, _>("has_created_at"), "{table}.created_at");
         assert!(row.get::<bool, _>("has_created_by"), "{table}.created_by");
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
 };
@@ -138,11 +138,14 @@ pub async fn consume(
             },
         };
         let mut batch = Batch::default();
+        // What has arrived while the slots were busy is held first, so that
+        // the batch takes each release's deliveries together: the database
+        // derives a release once per transaction, not once per event.
+        let mut lost = hold_arrived(&slots, &mut consumer, &mut held, context.ingest.max_body_bytes);
         take_free_held(&mut held, &busy, &mut batch, context.batch_size);
         // Wait for the first delivery that can start, or for a release
         // to come free when one was held for it.
-        let mut lost = None;
-        while batch.is_empty() {
+        while batch.is_empty() && lost.is_none() {
             let received = tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
@@ -434,6 +437,26 @@ fn release_named_in(body: &[u8], max_body_bytes: usize) -> Option<Uuid> {
     serde_json::from_slice::<ReleaseOnly>(body).ok()?.release_id
 }
 
+/// Holds every delivery that has already arrived, as far as in-flight slots
+/// allow, without waiting; returns why the session is lost if it is.
+fn hold_arrived(
+    slots: &Arc<Semaphore>,
+    consumer: &mut lapin::Consumer,
+    held: &mut VecDeque<Received>,
+    max_body_bytes: usize,
+) -> Option<String> {
+    loop {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            return None;
+        };
+        let next = consumer.next().now_or_never()?;
+        match received(next, slot, max_body_bytes) {
+            Ok(received) => held.push_back(received),
+            Err(reason) => return Some(reason),
+        }
+    }
+}
+
 /// Waits for an in-flight slot, then for the next delivery.
 async fn next_delivery(
     slots: &Arc<Semaphore>,
@@ -555,11 +578,13 @@ fn take_free_held(held: &mut VecDeque<Received>, busy: &BusyReleases, batch: &mu
     }
 }
 
-/// Takes up to `room` items out of `held`, oldest first, skipping those
-/// whose release is busy. A release found busy stays skipped for the rest of
-/// the scan: batches free their releases from other threads meanwhile, and
-/// a later delivery of a release must not go ahead of an earlier one that
-/// was skipped a moment before (a health check before its deployment).
+/// Takes up to `room` items out of `held`: the oldest whose release is
+/// free, with the later ones of its release, in order; then the next oldest
+/// of another free release, and so on. A release found busy stays skipped
+/// for the rest of the scan: batches free their releases from other
+/// threads meanwhile, and a later delivery of a release must not go ahead
+/// of an earlier one that was skipped a moment before (a health check
+/// before its deployment).
 fn take_in_order<T>(
     held: &mut VecDeque<T>,
     release_of: impl Fn(&T) -> Option<Uuid>,
@@ -575,6 +600,20 @@ fn take_in_order<T>(
         if free {
             if let Some(item) = held.remove(index) {
                 taken.push(item);
+            }
+            // The release's later deliveries go with it (none is skipped
+            // before them: the release was free for the whole scan so far).
+            if let Some(release) = release {
+                let mut later = index;
+                while later < held.len() && taken.len() < room {
+                    if release_of(&held[later]) == Some(release) {
+                        if let Some(item) = held.remove(later) {
+                            taken.push(item);
+                        }
+                    } else {
+                        later += 1;
+                    }
+                }
             }
         } else {
             if let Some(release) = release
@@ -1044,6 +1083,33 @@ mod tests {
             ["deployment"]
         );
         assert_eq!(held.len(), 1);
+    }
+
+    #[test]
+    fn a_release_is_taken_with_its_later_deliveries_in_order() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut held: VecDeque<(Option<Uuid>, &str)> = VecDeque::from([
+            (Some(a), "a1"),
+            (Some(b), "b1"),
+            (Some(a), "a2"),
+            (None, "unreadable"),
+            (Some(b), "b2"),
+            (Some(a), "a3"),
+        ]);
+        let taken = take_in_order(&mut held, |item| item.0, |_| false, 4);
+        assert_eq!(
+            taken.iter().map(|item| item.1).collect::<Vec<_>>(),
+            ["a1", "a2", "a3", "b1"]
+        );
+        let left: Vec<&str> = held.iter().map(|item| item.1).collect();
+        assert_eq!(left, ["unreadable", "b2"], "the rest in arrival order");
+
+        // A busy release is passed over; the free one goes whole.
+        let mut held: VecDeque<(Option<Uuid>, &str)> =
+            VecDeque::from([(Some(a), "a1"), (Some(b), "b1"), (Some(a), "a2"), (Some(b), "b2")]);
+        let taken = take_in_order(&mut held, |item| item.0, |release| *release == a, 10);
+        assert_eq!(taken.iter().map(|item| item.1).collect::<Vec<_>>(), ["b1", "b2"]);
+        assert_eq!(held.iter().map(|item| item.1).collect::<Vec<_>>(), ["a1", "a2"]);
     }
 
     #[test]

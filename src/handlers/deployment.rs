@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::build::{NewCheck, check_status, insert_check};
 use super::validate::{fact_time, not_blank, not_blank_if_given, one_of};
-use super::{DbContext, Handled, HandlerError, payload};
+use super::{DbContext, Handled, HandlerError, Reports, payload};
 use crate::envelope::{Envelope, GateCode};
 
 /// The environments a deployment can target.
@@ -149,7 +149,7 @@ impl Before {
     }
 }
 
-pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> Result<Value, HandlerError> {
+pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> Result<Handled, HandlerError> {
     let event: DeploymentEvent = payload(envelope)?;
     one_of("environment", &event.environment, DEPLOYMENT_ENVIRONMENTS)?;
     one_of("status", &event.status, DEPLOYMENT_STATUSES)?;
@@ -265,7 +265,12 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
         && rollback_of.is_none()
         && ["in_progress", "succeeded"].contains(&event.status.as_str())
     {
-        // Eligible exactly when nothing blocks (ops.is_eligible_for_promotion).
+        // Eligible exactly when nothing blocks (ops.is_eligible_for_promotion),
+        // with the facts this transaction wrote before (an approval of G3
+        // applied in the same batch) derived first.
+        super::derive_pending(&mut *conn, Some(envelope.release_id))
+            .await
+            .db("derive the release before its eligibility is evaluated")?;
         let mut blockers: Vec<String> = sqlx::query_scalar("SELECT ops.promotion_blockers($1, 'production')")
             .bind(envelope.release_id)
             .fetch_all(&mut *conn)
@@ -360,17 +365,14 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
             _ => "rollback_trigger",
         }
     };
-    // The environment event, and the G4 and release status derived from the
-    // deployment's write (by the statement before this one), in one round trip.
-    let (event_id, g4_status, release_status): (Uuid, String, String) = sqlx::query_as(
-        "WITH event AS (
-             INSERT INTO ops.environment_events (environment, event_type, source_system, release_id,
-                                                 deployment_id, payload, idempotency_key, created_by)
-             VALUES ($1::ops.ops_environment, $2, $3, $4, $5, $6, $7, $3)
-             RETURNING event_id)
-         SELECT event.event_id, d.g4_status::text, r.status::text
-         FROM event, ops.deployments d JOIN ops.releases r ON r.release_id = d.release_id
-         WHERE d.deployment_id = $5",
+    // The environment event. The G4 and release status the result reports
+    // are read when it is stored, once derived.
+    let event_id: Uuid = sqlx::query_scalar(
+        "INSERT INTO ops.environment_events (environment, event_type, source_system, release_id,
+                                             deployment_id, payload, idempotency_key, created_by)
+         SELECT $1::ops.ops_environment, $2, $3, $4, $5, $6, $7, $3
+         WHERE EXISTS (SELECT 1 FROM ops.deployments d WHERE d.deployment_id = $5)
+         RETURNING event_id",
     )
     .bind(&stored.environment)
     .bind(event_type)
@@ -419,18 +421,23 @@ pub async fn deployment_event(conn: &mut PgConnection, envelope: &Envelope) -> R
         .db("record the policy violation")?;
     }
 
-    Ok(json!({
-        "deployment_id": deployment_id,
-        "environment": stored.environment,
-        "status": stored.status,
-        "previous_status": previous_status,
-        "rollback_of": stored.rollback_of,
-        "g4_status": g4_status,
-        "release_status": release_status,
-        "event_id": event_id,
-        "policy_violation": policy_violation,
-        "blockers": blockers,
-    }))
+    Ok(Handled {
+        result: json!({
+            "deployment_id": deployment_id,
+            "environment": stored.environment,
+            "status": stored.status,
+            "previous_status": previous_status,
+            "rollback_of": stored.rollback_of,
+            "event_id": event_id,
+            "policy_violation": policy_violation,
+            "blockers": blockers,
+        }),
+        reports: Reports {
+            g4_status_of: Some(deployment_id),
+            release_status_of: Some(envelope.release_id),
+            ..Reports::default()
+        },
+    })
 }
 
 pub async fn health_check(conn: &mut PgConnection, envelope: &Envelope) -> Result<Handled, HandlerError> {
@@ -459,19 +466,16 @@ pub async fn health_check(conn: &mut PgConnection, envelope: &Envelope) -> Resul
         },
     )
     .await?;
-    let g4_status: String =
-        sqlx::query_scalar("SELECT g4_status::text FROM ops.deployments WHERE deployment_id = $1")
-            .bind(check.deployment_id)
-            .fetch_one(&mut *conn)
-            .await
-            .db("read the deployment's G4 status")?;
-    Ok(Handled::reporting_gate(
-        json!({
+    Ok(Handled {
+        result: json!({
             "check_id": check_id,
             "deployment_id": check.deployment_id,
-            "g4_status": g4_status,
             "gate_code": "G4",
         }),
-        Some(gate),
-    ))
+        reports: Reports {
+            gate_status_of: Some(gate),
+            g4_status_of: Some(check.deployment_id),
+            ..Reports::default()
+        },
+    })
 }

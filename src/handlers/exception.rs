@@ -149,6 +149,9 @@ pub async fn exception_granted(conn: &mut PgConnection, envelope: &Envelope) -> 
     .await
     .db("insert the exception")?;
 
+    super::derive_pending(&mut *conn, Some(envelope.release_id))
+        .await
+        .db("derive the gates the exception impacts")?;
     let statuses: Vec<(String, String)> = sqlx::query_as(
         "SELECT gate_code::text, status::text FROM ops.release_gates
          WHERE release_id = $1 AND gate_code = ANY ($2::text[]::ops.ops_gate_code[])

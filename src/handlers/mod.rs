@@ -149,21 +149,33 @@ pub(crate) fn vanished(what: &str) -> HandlerError {
     HandlerError::conflict(format!("{what} changed while the event was being applied"))
 }
 
-/// What a handler returns: its JSON result, and the gate whose derived
-/// status the result reports as `gate_status`. That status is read when the
-/// ledger stores the result, after every write of the event (and so after
-/// the derivation they triggered), in the same statement.
+/// What a handler returns: its JSON result, and the derived state the result
+/// reports. That state is read when the ledger stores the result, after
+/// every write of the transaction and the derivation they call for
+/// (`derive_pending`), so it is the state the transaction commits.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Handled {
     pub result: Value,
+    pub reports: Reports,
+}
+
+/// Derived state a result reports, each under its key: `gate_status` of a
+/// gate, `g4_status` of a deployment, `release_status` of a release.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reports {
     pub gate_status_of: Option<Uuid>,
+    pub g4_status_of: Option<Uuid>,
+    pub release_status_of: Option<Uuid>,
 }
 
 impl Handled {
     pub fn reporting_gate(result: Value, gate: Option<Uuid>) -> Self {
         Handled {
             result,
-            gate_status_of: gate,
+            reports: Reports {
+                gate_status_of: gate,
+                ..Reports::default()
+            },
         }
     }
 }
@@ -172,9 +184,20 @@ impl From<Value> for Handled {
     fn from(result: Value) -> Self {
         Handled {
             result,
-            gate_status_of: None,
+            reports: Reports::default(),
         }
     }
+}
+
+/// Derives what the facts of this transaction left pending (migration 0016:
+/// the worker's transactions derive each release once, at their end), for
+/// one release or for all. Called before anything reads derived state.
+pub async fn derive_pending(conn: &mut PgConnection, release: Option<Uuid>) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT ops.derive_pending($1)")
+        .bind(release)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Applies `envelope` inside the ingest transaction `conn`.
@@ -191,9 +214,7 @@ pub async fn dispatch(conn: &mut PgConnection, envelope: &Envelope) -> Result<Ha
         EventType::ExceptionReviewed => exception::exception_reviewed(conn, envelope)
             .await
             .map(Handled::from),
-        EventType::DeploymentEvent => deployment::deployment_event(conn, envelope)
-            .await
-            .map(Handled::from),
+        EventType::DeploymentEvent => deployment::deployment_event(conn, envelope).await,
         EventType::HealthCheck => deployment::health_check(conn, envelope).await,
         EventType::EnvironmentEvent => environment::environment_event(conn, envelope)
             .await
