@@ -241,8 +241,8 @@ fn every_setting_is_validated_at_start() {
         ("OPSGATE__AMQP__NAMESPACE", " ", "amqp.namespace"),
         ("OPSGATE__AMQP__NAMESPACE", "amq.ops", "amqp.namespace"),
         ("OPSGATE__AMQP__NAMESPACE", " ops", "amqp.namespace"),
-        // Beyond the default prefetch of 256.
-        ("OPSGATE__WORKER__MAX_IN_FLIGHT", "257", "worker.max_in_flight"),
+        // Beyond the default prefetch of 512.
+        ("OPSGATE__WORKER__MAX_IN_FLIGHT", "513", "worker.max_in_flight"),
         ("OPSGATE__RETRY__SCHEDULE_SECS", "1,0", "retry.schedule_secs"),
         ("OPSGATE__RETRY__JITTER", "1.5", "retry.jitter"),
         (

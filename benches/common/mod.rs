@@ -12,12 +12,20 @@ pub fn server_url() -> String {
 /// fact, in the benchmark's own database: a diagnostic of what the rest
 /// costs, never a way to run opsgate.
 pub async fn disable_derivation(pool: &PgPool) {
+    // Every trigger of the fact tables that derives, at once or at the end
+    // of the transaction (migrations 0002 and 0016).
     sqlx::raw_sql(
-        "ALTER TABLE ops.gate_checks DISABLE TRIGGER gate_checks_refresh;
-         ALTER TABLE ops.approvals DISABLE TRIGGER approvals_refresh;
-         ALTER TABLE ops.evidence_artifacts DISABLE TRIGGER evidence_artifacts_refresh;
-         ALTER TABLE ops.exceptions DISABLE TRIGGER exceptions_refresh;
-         ALTER TABLE ops.deployments DISABLE TRIGGER deployments_refresh;",
+        "DO $$
+         DECLARE t record;
+         BEGIN
+             FOR t IN SELECT c.relname, tg.tgname FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid
+                      WHERE c.relnamespace = 'ops'::regnamespace AND tg.tgname LIKE '%\\_refresh%'
+                        AND c.relname IN ('gate_checks', 'approvals', 'evidence_artifacts', 'exceptions', 'deployments')
+             LOOP
+                 EXECUTE format('ALTER TABLE ops.%I DISABLE TRIGGER %I', t.relname, t.tgname);
+             END LOOP;
+         END
+         $$",
     )
     .execute(pool)
     .await
