@@ -1039,22 +1039,6 @@ async fn a_fact_is_derived_as_of_the_statement_that_wrote_it() {
 
 // --- Derivation at the end of a transaction (migration 0016) ------------------
 
-/// A G1 check inserted by `conn`, with the same shape as `seed::check`.
-async fn insert_g1_check(conn: &mut sqlx::PgConnection, release_id: Uuid, name: &str, status: &str) {
-    sqlx::query(
-        "INSERT INTO ops.gate_checks (gate_id, check_name, source_system, status, observed_at, created_by)
-         SELECT gate_id, $2, 'github_actions', $3::ops.ops_check_status, $4, 'ci'
-         FROM ops.release_gates WHERE release_id = $1 AND gate_code = 'G1'",
-    )
-    .bind(release_id)
-    .bind(name)
-    .bind(status)
-    .bind(at(1))
-    .execute(conn)
-    .await
-    .expect("insert check");
-}
-
 async fn derive_at_end(conn: &mut sqlx::PgConnection) {
     sqlx::query("SELECT set_config('opsgate.derive_at_end', 'on', true)")
         .execute(conn)
@@ -1092,8 +1076,8 @@ async fn a_transaction_deriving_at_its_end_derives_each_release_once_after_its_f
     let r = release(&db).await;
     let mut tx = db.pool.begin().await.unwrap();
     derive_at_end(&mut tx).await;
-    insert_g1_check(&mut tx, r, "unit_tests", "pass").await;
-    insert_g1_check(&mut tx, r, "lint", "fail").await;
+    seed::check(&mut *tx, r, "G1", "unit_tests", "pass", at(1)).await;
+    seed::check(&mut *tx, r, "G1", "lint", "fail", at(1)).await;
     assert_eq!(g1_status_in(&mut tx, r).await, "pending", "not derived per fact");
 
     let derived: i32 = sqlx::query_scalar("SELECT ops.derive_pending()")
@@ -1128,14 +1112,14 @@ async fn facts_left_pending_are_derived_at_commit_even_with_the_setting_turned_o
 
     let mut tx = db.pool.begin().await.unwrap();
     derive_at_end(&mut tx).await;
-    insert_g1_check(&mut tx, left_pending, "unit_tests", "pass").await;
+    seed::check(&mut *tx, left_pending, "G1", "unit_tests", "pass", at(1)).await;
     tx.commit().await.unwrap();
     assert_eq!(seed::gate_status(&db.pool, left_pending, "G1").await, "passed");
 
     // Turning the setting off after the fact does not skip its derivation.
     let mut tx = db.pool.begin().await.unwrap();
     derive_at_end(&mut tx).await;
-    insert_g1_check(&mut tx, switched_off, "unit_tests", "pass").await;
+    seed::check(&mut *tx, switched_off, "G1", "unit_tests", "pass", at(1)).await;
     sqlx::query("SELECT set_config('opsgate.derive_at_end', 'off', true)")
         .execute(&mut *tx)
         .await
@@ -1146,7 +1130,7 @@ async fn facts_left_pending_are_derived_at_commit_even_with_the_setting_turned_o
     // Without the setting, a fact is derived at once, inside its transaction.
     let r = release(&db).await;
     let mut tx = db.pool.begin().await.unwrap();
-    insert_g1_check(&mut tx, r, "unit_tests", "pass").await;
+    seed::check(&mut *tx, r, "G1", "unit_tests", "pass", at(1)).await;
     assert_eq!(g1_status_in(&mut tx, r).await, "passed");
     tx.rollback().await.unwrap();
 }

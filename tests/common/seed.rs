@@ -67,8 +67,10 @@ pub fn at(minutes: i64) -> Ts {
         + chrono::Duration::minutes(minutes)
 }
 
+/// A check of the release's gate `code`, written through `executor` (the
+/// pool, or a connection inside a transaction).
 pub async fn check(
-    pool: &PgPool,
+    executor: impl sqlx::PgExecutor<'_>,
     release_id: Uuid,
     code: &str,
     name: &str,
@@ -86,7 +88,7 @@ pub async fn check(
     .bind(name)
     .bind(status)
     .bind(observed_at)
-    .fetch_one(pool)
+    .fetch_one(executor)
     .await
     .expect("insert check")
 }
