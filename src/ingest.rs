@@ -491,7 +491,7 @@ async fn apply(
 /// has opened; before BEGIN, a failure ends the message with nothing open.
 /// The same statement sets `opsgate.derive_at_end` for the transaction: its
 /// facts are derived once per release, by `handlers::derive_pending` or at
-/// commit (migration 0016), not once per fact.
+/// commit (migrations 0016 and 0017), not once per fact.
 async fn begin_locked(
     pool: &PgPool,
     releases: &[Uuid],

@@ -1135,6 +1135,75 @@ async fn facts_left_pending_are_derived_at_commit_even_with_the_setting_turned_o
     tx.rollback().await.unwrap();
 }
 
+/// How often `ops.derive_pending` has run in this database, by the server's
+/// function statistics (the session must have `track_functions` on).
+async fn derive_pending_calls(conn: &mut sqlx::PgConnection) -> i64 {
+    // A backend sends its statistics at most once a second unless told to;
+    // the flush happens when the session next goes idle.
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_user_functions
+         WHERE schemaname = 'ops' AND funcname = 'derive_pending'",
+    )
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn what_is_left_pending_is_derived_at_commit_once_not_once_per_fact() {
+    let db = TestDb::new().await;
+    let (first, second) = (release(&db).await, release(&db).await);
+    let mut conn = db.pool.acquire().await.unwrap();
+    sqlx::query("SET track_functions = 'pl'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let before = derive_pending_calls(&mut conn).await;
+
+    // Five facts of two releases, nothing derived before the commit.
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    derive_at_end(&mut tx).await;
+    for name in ["unit_tests", "lint", "sast"] {
+        seed::check(&mut *tx, first, "G1", name, "pass", at(1)).await;
+    }
+    seed::check(&mut *tx, second, "G1", "unit_tests", "pass", at(1)).await;
+    seed::check(&mut *tx, second, "G1", "lint", "fail", at(1)).await;
+    tx.commit().await.unwrap();
+
+    assert_eq!(seed::gate_status(&db.pool, first, "G1").await, "passed");
+    assert_eq!(seed::gate_status(&db.pool, second, "G1").await, "failed");
+    assert_eq!(
+        derive_pending_calls(&mut conn).await - before,
+        1,
+        "one derivation pass at commit for the transaction, not one per fact"
+    );
+
+    // A transaction that derived before its commit leaves nothing to do then.
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    derive_at_end(&mut tx).await;
+    seed::check(&mut *tx, first, "G1", "e2e", "fail", at(2)).await;
+    seed::check(&mut *tx, first, "G1", "docs", "pass", at(2)).await;
+    sqlx::query("SELECT ops.derive_pending()")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(seed::gate_status(&db.pool, first, "G1").await, "failed");
+    assert_eq!(
+        derive_pending_calls(&mut conn).await - before,
+        2,
+        "the worker's own call only"
+    );
+}
+
 #[tokio::test]
 async fn nobody_but_the_derivation_touches_the_pending_derivations() {
     let db = TestDb::new().await;
