@@ -8,8 +8,12 @@
 //! away: it walks N releases through a release's life one step at a time,
 //! each step one `INSERT … SELECT` that writes one fact per release (so the
 //! row triggers run N derivations, exactly as N events would), and times
-//! the statement. It does the same in a second database whose derivation
-//! triggers are disabled; the difference is what derivation costs per fact.
+//! the statement and its commit. It does the same in a second database whose
+//! derivation triggers are disabled; the difference is what derivation costs
+//! per fact. A third series runs each step as the worker's transactions do,
+//! with `opsgate.derive_at_end` on and `ops.derive_pending()` before the
+//! commit: with one fact per release per transaction it derives as often as
+//! the first, so the difference is what deriving at the end adds per fact.
 //! Each round uses new releases; the median of the rounds is printed.
 //!
 //! Both databases are created for the run and dropped at its end.
@@ -133,19 +137,46 @@ async fn database(name: &str) -> PgPool {
     pool
 }
 
+/// How a round's facts are derived.
+#[derive(Clone, Copy, PartialEq)]
+enum Derivation {
+    /// Each fact by its own trigger, at once (direct writers).
+    PerFact,
+    /// As in the worker's transactions: `opsgate.derive_at_end` on, the
+    /// step's releases derived by `ops.derive_pending()`, then the commit
+    /// (with whatever it still runs) inside the timing.
+    AtEnd,
+}
+
 /// Microseconds per fact of each step, one round.
-async fn round(pool: &PgPool, releases: usize) -> Vec<f64> {
+async fn round(pool: &PgPool, releases: usize, derivation: Derivation) -> Vec<f64> {
     let project = format!("bench-{}", Uuid::new_v4().simple());
     let mut per_fact = Vec::with_capacity(STEPS.len());
     for (label, sql) in STEPS {
         let started = Instant::now();
+        let mut tx = pool.begin().await.expect("begin");
+        if derivation == Derivation::AtEnd {
+            sqlx::query("SELECT set_config('opsgate.derive_at_end', 'on', true)")
+                .execute(&mut *tx)
+                .await
+                .expect("derive at the end");
+        }
         let written = sqlx::query(*sql)
             .bind(&project)
             .bind(releases as i32)
-            .execute(pool)
+            .execute(&mut *tx)
             .await
             .unwrap_or_else(|error| panic!("step {label:?}: {error}"))
             .rows_affected();
+        if derivation == Derivation::AtEnd {
+            sqlx::query("SELECT ops.derive_pending()")
+                .execute(&mut *tx)
+                .await
+                .unwrap_or_else(|error| panic!("step {label:?}, derive_pending: {error}"));
+        }
+        tx.commit()
+            .await
+            .unwrap_or_else(|error| panic!("step {label:?}, commit: {error}"));
         assert_eq!(
             written, releases as u64,
             "step {label:?} wrote one row per release"
@@ -155,6 +186,15 @@ async fn round(pool: &PgPool, releases: usize) -> Vec<f64> {
     // Keep the tables as busy as a worker's would be: no bloat carried over.
     pool.execute("VACUUM (ANALYZE)").await.expect("vacuum");
     per_fact
+}
+
+/// One line: per fact, at the end, not derived, and the two differences.
+fn print_step(label: &str, [per_fact, at_end, without]: [f64; 3]) {
+    println!(
+        "  {label:<48} {per_fact:>9.1} {at_end:>11.1} {without:>12.1} {:>11.1} {:>11.1}",
+        per_fact - without,
+        at_end - without
+    );
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -179,40 +219,37 @@ async fn main() {
         "  {} releases per round, {} rounds (median), one session, generic plans",
         args.releases, args.rounds
     );
-    // A first round warms both sessions (plans, caches) and is not counted.
-    round(&with, args.releases).await;
-    round(&without, args.releases).await;
-    let mut with_rounds = Vec::new();
-    let mut without_rounds = Vec::new();
+    // A first round warms the sessions (plans, caches) and is not counted.
+    round(&with, args.releases, Derivation::PerFact).await;
+    round(&with, args.releases, Derivation::AtEnd).await;
+    round(&without, args.releases, Derivation::PerFact).await;
+    let (mut per_fact_rounds, mut at_end_rounds, mut without_rounds) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.rounds {
-        with_rounds.push(round(&with, args.releases).await);
-        without_rounds.push(round(&without, args.releases).await);
+        per_fact_rounds.push(round(&with, args.releases, Derivation::PerFact).await);
+        at_end_rounds.push(round(&with, args.releases, Derivation::AtEnd).await);
+        without_rounds.push(round(&without, args.releases, Derivation::PerFact).await);
     }
 
     println!();
     println!(
-        "  {:<48} {:>12} {:>14} {:>12}",
-        "step (µs per fact)", "derived", "not derived", "derivation"
+        "  {:<48} {:>9} {:>11} {:>12} {:>11} {:>11}",
+        "step (µs per fact)", "derived", "derived at", "not derived", "derivation", "derivation"
     );
-    let (mut total_with, mut total_without) = (0.0, 0.0);
+    println!(
+        "  {:<48} {:>9} {:>11} {:>12} {:>11} {:>11}",
+        "", "per fact", "the end", "", "per fact", "at the end"
+    );
+    let mut totals = [0.0; 3];
     for (i, (label, _)) in STEPS.iter().enumerate() {
-        let with_us = median(with_rounds.iter().map(|r| r[i]).collect());
-        let without_us = median(without_rounds.iter().map(|r| r[i]).collect());
-        total_with += with_us;
-        total_without += without_us;
-        println!(
-            "  {label:<48} {with_us:>12.1} {without_us:>14.1} {:>12.1}",
-            with_us - without_us
-        );
+        let figures = [&per_fact_rounds, &at_end_rounds, &without_rounds]
+            .map(|rounds| median(rounds.iter().map(|r| r[i]).collect()));
+        for (total, figure) in totals.iter_mut().zip(figures) {
+            *total += figure;
+        }
+        print_step(label, figures);
     }
     let steps = STEPS.len() as f64;
-    println!(
-        "  {:<48} {:>12.1} {:>14.1} {:>12.1}",
-        "mean of the steps",
-        total_with / steps,
-        total_without / steps,
-        (total_with - total_without) / steps
-    );
+    print_step("mean of the steps", totals.map(|total| total / steps));
 
     with.close().await;
     without.close().await;
