@@ -1039,13 +1039,6 @@ async fn a_fact_is_derived_as_of_the_statement_that_wrote_it() {
 
 // --- Derivation at the end of a transaction (migration 0016) ------------------
 
-async fn derive_at_end(conn: &mut sqlx::PgConnection) {
-    sqlx::query("SELECT set_config('opsgate.derive_at_end', 'on', true)")
-        .execute(conn)
-        .await
-        .unwrap();
-}
-
 async fn g1_status_in(conn: &mut sqlx::PgConnection, release_id: Uuid) -> String {
     sqlx::query_scalar(
         "SELECT status::text FROM ops.release_gates WHERE release_id = $1 AND gate_code = 'G1'",
@@ -1075,7 +1068,7 @@ async fn a_transaction_deriving_at_its_end_derives_each_release_once_after_its_f
     let db = TestDb::new().await;
     let r = release(&db).await;
     let mut tx = db.pool.begin().await.unwrap();
-    derive_at_end(&mut tx).await;
+    seed::derive_at_end(&mut *tx).await;
     seed::check(&mut *tx, r, "G1", "unit_tests", "pass", at(1)).await;
     seed::check(&mut *tx, r, "G1", "lint", "fail", at(1)).await;
     assert_eq!(g1_status_in(&mut tx, r).await, "pending", "not derived per fact");
@@ -1111,14 +1104,14 @@ async fn facts_left_pending_are_derived_at_commit_even_with_the_setting_turned_o
     let (left_pending, switched_off) = (release(&db).await, release(&db).await);
 
     let mut tx = db.pool.begin().await.unwrap();
-    derive_at_end(&mut tx).await;
+    seed::derive_at_end(&mut *tx).await;
     seed::check(&mut *tx, left_pending, "G1", "unit_tests", "pass", at(1)).await;
     tx.commit().await.unwrap();
     assert_eq!(seed::gate_status(&db.pool, left_pending, "G1").await, "passed");
 
     // Turning the setting off after the fact does not skip its derivation.
     let mut tx = db.pool.begin().await.unwrap();
-    derive_at_end(&mut tx).await;
+    seed::derive_at_end(&mut *tx).await;
     seed::check(&mut *tx, switched_off, "G1", "unit_tests", "pass", at(1)).await;
     sqlx::query("SELECT set_config('opsgate.derive_at_end', 'off', true)")
         .execute(&mut *tx)
@@ -1170,7 +1163,7 @@ async fn what_is_left_pending_is_derived_at_commit_once_not_once_per_fact() {
 
     // Five facts of two releases, nothing derived before the commit.
     let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
-    derive_at_end(&mut tx).await;
+    seed::derive_at_end(&mut *tx).await;
     for name in ["unit_tests", "lint", "sast"] {
         seed::check(&mut *tx, first, "G1", name, "pass", at(1)).await;
     }
@@ -1188,7 +1181,7 @@ async fn what_is_left_pending_is_derived_at_commit_once_not_once_per_fact() {
 
     // A transaction that derived before its commit leaves nothing to do then.
     let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
-    derive_at_end(&mut tx).await;
+    seed::derive_at_end(&mut *tx).await;
     seed::check(&mut *tx, first, "G1", "e2e", "fail", at(2)).await;
     seed::check(&mut *tx, first, "G1", "docs", "pass", at(2)).await;
     sqlx::query("SELECT ops.derive_pending()")

@@ -49,10 +49,7 @@ fn envelope(event_type: &str, release_id: Uuid, gate_code: Option<&str>, payload
 async fn apply(db: &TestDb, envelope: &Envelope) -> Result<Value, HandlerError> {
     // As the worker's transactions: facts derived once, before the result is stored.
     let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query("SELECT set_config('opsgate.derive_at_end', 'on', true)")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    seed::derive_at_end(&mut *tx).await;
     let hash = envelope.payload_hash();
     let NextAction::StartProcessing { ingest_id } =
         ledger::try_processing(&mut tx, envelope, &hash, 1, "test")

@@ -261,3 +261,12 @@ pub async fn pass_g3(pool: &PgPool, release_id: Uuid) {
     .await;
     evidence(pool, release_id, "rollback_plan").await;
 }
+
+/// Puts the transaction in the worker's mode: its facts are derived once per
+/// release, by `ops.derive_pending()` or at commit (migrations 0016, 0017).
+pub async fn derive_at_end(executor: impl sqlx::PgExecutor<'_>) {
+    sqlx::query("SELECT set_config('opsgate.derive_at_end', 'on', true)")
+        .execute(executor)
+        .await
+        .expect("derive at the end of the transaction");
+}
